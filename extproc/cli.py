@@ -1,0 +1,66 @@
+"""``ai-lb`` command line: serve, check-config, demo, sim."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "sim":  # the simulator has its own CLI; pass everything through
+        from vllmsim.cli import main as sim_main
+
+        return sim_main(argv[1:])
+    p = argparse.ArgumentParser(prog="ai-lb", description="LLM-aware load balancing for Envoy (ext_proc).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the ext_proc server")
+    s.add_argument("-c", "--config", required=True, help="YAML config file (reloaded on change and SIGHUP)")
+    c = sub.add_parser("check-config", help="validate a config file: exit 0, or 2 with one line per problem")
+    c.add_argument("file")
+    d = sub.add_parser("demo", help="start simulated vLLM servers, ai-lb and Envoy, send traffic, show where it went")
+    d.add_argument("--requests", type=int, default=24)
+    d.add_argument("--policy", default="least_request")
+    sub.add_parser("sim", help="run the vLLM simulator (see `ai-lb sim --help`)")
+    a = p.parse_args(argv)
+
+    if a.cmd == "check-config":
+        try:
+            cfg = load_config(a.file)
+        except ConfigError as e:
+            for line in e.problems:
+                print(f"{a.file}: {line}", file=sys.stderr)
+            return 2
+        print(f"{a.file}: OK ({len(cfg.routes)} route(s): "
+              + ", ".join(f"{n}={r.lb_policy}" for n, r in cfg.routes.items()) + ")")
+        return 0
+    if a.cmd == "serve":
+        try:
+            cfg = load_config(a.config)
+        except ConfigError as e:
+            for line in e.problems:
+                print(f"{a.config}: {line}", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from .server import Gateway
+
+        async def run() -> None:
+            gw = Gateway(a.config, cfg)
+            await gw.start()
+            await gw.wait()
+
+        asyncio.run(run())
+        return 0
+    if a.cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(requests=a.requests, policy=a.policy)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

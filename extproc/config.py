@@ -1,0 +1,363 @@
+"""Loading and validating ai-lb's YAML configuration.
+
+The per-route block uses Higress ``ai-load-balancer`` field names (``lb_type``,
+``lb_policy``, ``lb_config``) so a Higress user's policy block moves over unchanged;
+everything else (where endpoints come from, listen addresses, the state store) is ours.
+
+Validation collects *all* problems, each prefixed with the field path, so an operator
+fixes a file in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+LB_TYPES = ("endpoint", "cluster")
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; ``problems`` holds one message per field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class EndpointsConfig:
+    """Where a route's candidate endpoints come from.
+
+    ``static`` lists ``ip:port`` strings; ``cluster`` names an Envoy cluster whose hosts
+    (and their health) are read from Envoy's admin API. Both may be given: the static
+    list then narrows the cluster to those addresses.
+    """
+
+    static: tuple[str, ...] = ()
+    cluster: str | None = None
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    lb_policy: str
+    lb_type: str = "endpoint"
+    lb_config: Mapping[str, Any] = field(default_factory=dict)
+    endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
+    enabled: bool = True
+
+    def policy_key(self) -> tuple:
+        """Identity of the policy instance: a reload keeps the instance (and its state)
+        when this is unchanged."""
+        return (self.lb_type, self.lb_policy, _freeze(self.lb_config))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    metrics_listen: str = "127.0.0.1:9464"
+    envoy_admin: str | None = None
+    discovery_interval: float = 1.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    fallback_log_interval: float = 10.0
+    reload_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: str = "memory"
+    routes: Mapping[str, RouteConfig] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()
+    log_level: str = "info"
+    source: str | None = None
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raises ConfigError listing every problem."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
+    return parse_config(text, source=str(p))
+
+
+def parse_config(text: str, source: str | None = None) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{source or 'config'}: invalid YAML: {e}"]) from None
+    if raw is None:
+        raw = {}
+    return build_config(raw, source=source)
+
+
+def build_config(raw: Any, source: str | None = None) -> Config:
+    # Import here: the policy registry imports this module for ConfigError.
+    from .policies import registry
+
+    v = _Validator()
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"(top level): expected a mapping, got {_tname(raw)}"])
+    v.unknown_keys("", raw, {"server", "store", "routes", "plugins", "log_level"})
+
+    plugins = tuple(v.str_list("plugins", raw.get("plugins", [])))
+    # Plugins register extra policies; load them before policy names are checked.
+    for i, mod in enumerate(plugins):
+        try:
+            registry.load_plugin(mod)
+        except Exception as e:  # noqa: BLE001 - any import failure is a config error
+            v.err(f"plugins[{i}]", f"cannot import {mod!r}: {e}")
+
+    server = v.dataclass_from("server", raw.get("server", {}), ServerConfig)
+    if server is not None:
+        for fname in ("listen", "metrics_listen"):
+            addr = getattr(server, fname)
+            if not _valid_hostport(addr, allow_port_zero=True):
+                v.err(f"server.{fname}", f"expected host:port, got {addr!r}")
+        if server.envoy_admin is not None and not server.envoy_admin.startswith(("http://", "https://")):
+            v.err("server.envoy_admin", f"expected an http:// URL, got {server.envoy_admin!r}")
+        if server.discovery_interval <= 0:
+            v.err("server.discovery_interval", "must be > 0")
+        if server.max_body_bytes <= 0:
+            v.err("server.max_body_bytes", "must be > 0")
+
+    store = raw.get("store", "memory")
+    if not isinstance(store, str) or not (store == "memory" or store.startswith(("redis://", "rediss://", "unix://"))):
+        v.err("store", f"expected 'memory' or a redis:// URL, got {store!r}")
+
+    log_level = raw.get("log_level", "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        v.err("log_level", f"unknown level {log_level!r}; allowed: debug, info, warning, error")
+
+    routes: dict[str, RouteConfig] = {}
+    raw_routes = raw.get("routes", {})
+    if raw_routes is None:
+        raw_routes = {}
+    if not isinstance(raw_routes, Mapping):
+        v.err("routes", f"expected a mapping of route name to policy, got {_tname(raw_routes)}")
+        raw_routes = {}
+    for name, rr in raw_routes.items():
+        if not isinstance(name, str):  # `off:` or `1:` in YAML is a bool or int, not a name
+            v.err(f"routes.{name}", f"route names must be strings; quote it: '{name}'")
+            continue
+        r = _route(v, f"routes.{name}", str(name), rr, server)
+        if r is not None:
+            routes[str(name)] = r
+
+    if v.problems:
+        raise ConfigError(v.problems)
+    assert server is not None
+    return Config(server=server, store=store, routes=routes, plugins=plugins, log_level=log_level, source=source)
+
+
+def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig | None) -> RouteConfig | None:
+    from .policies import registry
+
+    if not isinstance(rr, Mapping):
+        v.err(path, f"expected a mapping, got {_tname(rr)}")
+        return None
+    v.unknown_keys(path, rr, {"lb_type", "lb_policy", "lb_config", "endpoints", "enabled"})
+    n0 = len(v.problems)
+    lb_type = rr.get("lb_type", "endpoint")
+    if lb_type not in LB_TYPES:
+        v.err(f"{path}.lb_type", f"unknown lb_type {lb_type!r}; allowed: {', '.join(LB_TYPES)}")
+    policy = rr.get("lb_policy")
+    if policy is None:
+        v.err(f"{path}.lb_policy", "required; allowed: " + ", ".join(registry.names(lb_type if lb_type in LB_TYPES else None)))
+    elif lb_type in LB_TYPES:
+        allowed = registry.names(lb_type)
+        if policy not in allowed:
+            v.err(f"{path}.lb_policy", f"unknown policy {policy!r} for lb_type {lb_type!r}; allowed: {', '.join(allowed) or '(none)'}")
+    lb_config = rr.get("lb_config", {})
+    if lb_config is None:
+        lb_config = {}
+    if not isinstance(lb_config, Mapping):
+        v.err(f"{path}.lb_config", f"expected a mapping, got {_tname(lb_config)}")
+        lb_config = {}
+    elif policy is not None and lb_type in LB_TYPES and policy in registry.names(lb_type):
+        cls = registry.get(policy)
+        parsed = v.dataclass_from(f"{path}.lb_config", lb_config, cls.Config)
+        if parsed is not None and hasattr(parsed, "validate"):
+            for sub, msg in parsed.validate():  # cross-field checks a policy may define
+                v.err(f"{path}.lb_config.{sub}", msg)
+    enabled = rr.get("enabled", True)
+    if not isinstance(enabled, bool):
+        v.err(f"{path}.enabled", f"expected true or false, got {enabled!r}")
+
+    eps = rr.get("endpoints", {}) or {}
+    endpoints = EndpointsConfig()
+    if not isinstance(eps, Mapping):
+        v.err(f"{path}.endpoints", f"expected a mapping with 'static' and/or 'cluster', got {_tname(eps)}")
+    else:
+        v.unknown_keys(f"{path}.endpoints", eps, {"static", "cluster"})
+        static = v.str_list(f"{path}.endpoints.static", eps.get("static", []))
+        for i, a in enumerate(static):
+            if not _valid_hostport(a):
+                v.err(f"{path}.endpoints.static[{i}]", f"expected ip:port, got {a!r}")
+        cluster = eps.get("cluster")
+        if cluster is not None and not isinstance(cluster, str):
+            v.err(f"{path}.endpoints.cluster", f"expected an Envoy cluster name, got {_tname(cluster)}")
+        if lb_type == "endpoint" and enabled is True and not static and cluster is None:
+            v.err(f"{path}.endpoints", "required for lb_type 'endpoint': give 'static' (ip:port list) and/or 'cluster' (an Envoy cluster name)")
+        if cluster is not None and server is not None and server.envoy_admin is None:
+            v.err(f"{path}.endpoints.cluster", "needs server.envoy_admin (the Envoy admin URL) to discover the cluster's hosts")
+        endpoints = EndpointsConfig(static=tuple(static), cluster=cluster)
+    if len(v.problems) > n0:
+        return None
+    return RouteConfig(name=name, lb_type=lb_type, lb_policy=policy, lb_config=dict(lb_config), endpoints=endpoints, enabled=enabled)
+
+
+def policy_config(cls: type, raw: Mapping[str, Any]) -> Any:
+    """Build a policy's typed ``lb_config`` (already validated by ``build_config``)."""
+    v = _Validator()
+    parsed = v.dataclass_from("lb_config", raw, cls)
+    if v.problems:
+        raise ConfigError(v.problems)
+    return parsed
+
+
+def _valid_hostport(s: Any, allow_port_zero: bool = False) -> bool:
+    if not isinstance(s, str) or ":" not in s:
+        return False
+    host, _, port = s.rpartition(":")
+    if not host or not port.isdigit():
+        return False
+    lo = 0 if allow_port_zero else 1
+    return lo <= int(port) <= 65535
+
+
+def _tname(x: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "nothing"}.get(type(x), type(x).__name__)
+
+
+class _Validator:
+    """Accumulates problems; converts plain mappings into typed dataclasses."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def err(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path or '(top level)'}: {msg}")
+
+    def unknown_keys(self, path: str, m: Mapping, allowed: set[str]) -> None:
+        for k in m:
+            if k not in allowed:
+                self.err(f"{path}.{k}" if path else str(k),
+                         f"unknown field; allowed: {', '.join(sorted(allowed))}" if allowed else "unknown field; this takes no fields")
+
+    def str_list(self, path: str, x: Any) -> list[str]:
+        if x is None:
+            return []
+        if not isinstance(x, list) or not all(isinstance(i, str) for i in x):
+            self.err(path, f"expected a list of strings, got {_tname(x)}")
+            return []
+        return x
+
+    def dataclass_from(self, path: str, raw: Any, cls: type) -> Any:
+        """Build ``cls`` from ``raw``, checking field names and scalar types.
+
+        Ints are accepted where floats are expected; numeric strings are accepted for
+        numbers because Higress documents ``rate_limit`` as a string.
+        """
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            self.err(path, f"expected a mapping, got {_tname(raw)}")
+            return None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        n0 = len(self.problems)
+        self.unknown_keys(path, raw, set(fields))
+        kwargs = {}
+        for k, val in raw.items():
+            if k not in fields:
+                continue
+            ok, conv = _coerce(val, hints[k])
+            if not ok:
+                self.err(f"{path}.{k}", f"expected {_describe(hints[k])}, got {val!r}")
+            else:
+                kwargs[k] = conv
+        for name, f in fields.items():
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in raw:
+                self.err(f"{path}.{name}", "required")
+        if len(self.problems) > n0:
+            return None
+        return cls(**kwargs)
+
+
+def _coerce(val: Any, tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, conv = _coerce(val, arg)
+            if ok:
+                return True, conv
+        return False, None
+    if origin is typing.Literal:
+        return (val in typing.get_args(tp)), val
+    if tp is type(None):
+        return val is None, None
+    if tp is bool:
+        return isinstance(val, bool), val
+    if tp is int:
+        if isinstance(val, bool):
+            return False, None
+        if isinstance(val, int):
+            return True, val
+        if isinstance(val, str) and val.strip().lstrip("-").isdigit():
+            return True, int(val)
+        return False, None
+    if tp is float:
+        if isinstance(val, bool):
+            return False, None
+        if isinstance(val, (int, float)):
+            return True, float(val)
+        if isinstance(val, str):
+            try:
+                return True, float(val)
+            except ValueError:
+                return False, None
+        return False, None
+    if tp is str:
+        return isinstance(val, str), val
+    if origin in (tuple, list):
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(val, list):
+            return False, None
+        out = []
+        for item in val:
+            ok, conv = _coerce(item, inner)
+            if not ok:
+                return False, None
+            out.append(conv)
+        return True, tuple(out)
+    if tp is Any:
+        return True, val
+    return isinstance(val, tp), val
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))

@@ -1,0 +1,69 @@
+"""Per-request context: what a policy may know about the request it is routing.
+
+Built from Envoy's request-headers message; the body is attached only for routes whose
+policy asked for it, and parsed to JSON at most once, on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from .endpoints import Endpoint
+
+
+class BodyError(ValueError):
+    """The body cannot be used for routing; ``reason`` is the fallback label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class RequestContext:
+    __slots__ = ("route", "headers", "body", "body_complete", "_json", "endpoint",
+                 "status", "started", "first_byte_at", "policy_state", "policy", "outcome")
+
+    def __init__(self, route: str, headers: dict[str, str]) -> None:
+        self.route = route
+        self.headers = headers          # lower-case names; pseudo-headers included
+        self.body: bytes | None = None
+        self.body_complete = True
+        self._json: Any = None
+        self.endpoint: Endpoint | None = None
+        self.status: int | None = None  # upstream response status, if the policy asked
+        self.started = time.monotonic()
+        self.first_byte_at: float | None = None
+        self.policy_state: Any = None   # scratch space for the policy that picked
+        self.policy: Any = None         # the policy instance that owns on_done
+        self.outcome = "complete"
+
+    @property
+    def method(self) -> str:
+        return self.headers.get(":method", "")
+
+    @property
+    def path(self) -> str:
+        return self.headers.get(":path", "")
+
+    def json(self) -> dict[str, Any]:
+        """The body as a JSON object; raises BodyError with a fallback reason."""
+        if self._json is None:
+            if self.body is None:
+                raise BodyError("no_body", "request has no body")
+            if not self.body_complete:
+                raise BodyError("body_truncated", f"body larger than the buffer limit (got {len(self.body)} bytes)")
+            try:
+                doc = json.loads(self.body)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise BodyError("malformed_json", f"body is not valid JSON: {str(e)[:120]}") from None
+            if not isinstance(doc, dict):
+                raise BodyError("malformed_json", f"body is JSON but not an object ({type(doc).__name__})")
+            self._json = doc
+        return self._json
+
+    @property
+    def model(self) -> str | None:
+        m = self.json().get("model")
+        return m if isinstance(m, str) else None

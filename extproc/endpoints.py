@@ -1,0 +1,152 @@
+"""Candidate endpoints per route: static lists and Envoy admin discovery.
+
+Envoy is the source of truth for health (active health checks, outlier detection), so
+discovered hosts carry Envoy's health flags and an unhealthy host is never offered to a
+policy. Discovery failures keep the last good view: a flapping admin endpoint must not
+empty every route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from .config import EndpointsConfig
+
+log = logging.getLogger("ai_lb.endpoints")
+
+# Envoy health flags (admin /clusters?format=json) that take a host out of rotation.
+_UNHEALTHY_FLAGS = (
+    "failed_active_health_check",
+    "failed_outlier_check",
+    "failed_eds_health",
+    "pending_dynamic_removal",
+    "excluded_via_immediate_hc_fail",
+    "active_hc_timeout",
+)
+_HEALTHY_EDS = ("HEALTHY", "UNKNOWN", None)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One upstream host as Envoy's override_host policy understands it (``ip:port``)."""
+
+    address: str
+    healthy: bool = True
+
+    def __str__(self) -> str:
+        return self.address
+
+
+def parse_admin_clusters(doc: Mapping[str, Any]) -> dict[str, tuple[Endpoint, ...]]:
+    """Turn Envoy's ``/clusters?format=json`` into cluster name -> endpoints."""
+    out: dict[str, tuple[Endpoint, ...]] = {}
+    for cs in doc.get("cluster_statuses", []) or []:
+        eps = []
+        for hs in cs.get("host_statuses", []) or []:
+            sa = (hs.get("address") or {}).get("socket_address") or {}
+            if "address" not in sa:
+                continue  # pipes and internal addresses cannot be override targets
+            hstat = hs.get("health_status") or {}
+            healthy = hstat.get("eds_health_status") in _HEALTHY_EDS and not any(hstat.get(f) for f in _UNHEALTHY_FLAGS)
+            eps.append(Endpoint(f"{sa['address']}:{sa.get('port_value', 0)}", healthy))
+        out[cs.get("name", "")] = tuple(eps)
+    return out
+
+
+class EndpointDirectory:
+    """Resolves a route's endpoint config to its healthy candidates.
+
+    Results are cached per config and invalidated when discovery reports a change, so the
+    per-request cost is one dict lookup.
+    """
+
+    def __init__(self) -> None:
+        self._clusters: dict[str, tuple[Endpoint, ...]] = {}
+        self._cache: dict[EndpointsConfig, tuple[Endpoint, ...]] = {}
+        self.discovered_once = False
+
+    def update_clusters(self, clusters: dict[str, tuple[Endpoint, ...]]) -> bool:
+        self.discovered_once = True
+        if clusters == self._clusters:
+            return False
+        self._clusters = clusters
+        self._cache.clear()
+        return True
+
+    def candidates(self, cfg: EndpointsConfig) -> tuple[Endpoint, ...]:
+        c = self._cache.get(cfg)
+        if c is None:
+            c = self._cache[cfg] = self._resolve(cfg)
+        return c
+
+    def all_known(self, cfg: EndpointsConfig) -> tuple[Endpoint, ...]:
+        """Every endpoint of the route, healthy or not (for status pages and metrics)."""
+        if cfg.cluster is None:
+            return tuple(Endpoint(a) for a in cfg.static)
+        eps = self._clusters.get(cfg.cluster, ())
+        if cfg.static:
+            allowed = set(cfg.static)
+            eps = tuple(e for e in eps if e.address in allowed)
+        return eps
+
+    def _resolve(self, cfg: EndpointsConfig) -> tuple[Endpoint, ...]:
+        return tuple(e for e in self.all_known(cfg) if e.healthy)
+
+
+class EnvoyAdminDiscovery:
+    """Polls Envoy's admin API and feeds the directory."""
+
+    def __init__(self, admin_url: str, directory: EndpointDirectory, interval: float,
+                 on_change: Callable[[], None] | None = None, timeout: float = 1.0) -> None:
+        self.url = admin_url.rstrip("/") + "/clusters?format=json"
+        self.directory = directory
+        self.interval = interval
+        self.timeout = timeout
+        self.on_change = on_change
+        self._task: asyncio.Task | None = None
+        self._failing = False
+
+    async def refresh_once(self, session: Any) -> None:
+        import aiohttp
+
+        async with session.get(self.url, timeout=aiohttp.ClientTimeout(total=self.timeout)) as r:
+            r.raise_for_status()
+            doc = await r.json(content_type=None)
+        if self.directory.update_clusters(parse_admin_clusters(doc)) and self.on_change:
+            self.on_change()
+
+    async def run(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    await self.refresh_once(session)
+                    if self._failing:
+                        log.info("endpoint discovery from %s recovered", self.url)
+                    self._failing = False
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - keep the last good view
+                    if not self._failing:
+                        log.warning("endpoint discovery from %s failed (keeping last view): %s", self.url, e)
+                    self._failing = True
+                await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="envoy-discovery")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+def addresses(eps: Iterable[Endpoint]) -> list[str]:
+    return [e.address for e in eps]

@@ -1,0 +1,94 @@
+"""Building ext_proc answers for Envoy.
+
+The answers are few and mostly constant (one per endpoint per phase), so they are built
+once and reused: constructing nested protobuf messages is the largest per-request cost
+left in Python once parsing happens in C.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+# The Gateway API Inference Extension endpoint-picker protocol.
+DEST_HEADER = "x-gateway-destination-endpoint"
+DEST_METADATA_NS = "envoy.lb"
+
+PM = processing_mode_pb2.ProcessingMode
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@functools.lru_cache(maxsize=None)  # interned: answers are cached by id(mode)
+def processing_mode(body: bool, response_headers: bool, response_body: bool) -> PM | None:
+    """The mode override a policy needs, or None when Envoy's static mode suffices."""
+    if not (body or response_headers or response_body):
+        return None
+    return PM(
+        request_header_mode=PM.SEND,
+        # BUFFERED_PARTIAL, not BUFFERED: a body over Envoy's buffer limit reaches us
+        # truncated (and falls back) instead of failing the request with 413.
+        request_body_mode=PM.BUFFERED_PARTIAL if body else PM.NONE,
+        response_header_mode=PM.SEND if response_headers else PM.SKIP,
+        response_body_mode=PM.STREAMED if response_body else PM.NONE,
+        request_trailer_mode=PM.SKIP,
+        response_trailer_mode=PM.SKIP,
+    )
+
+
+class Answers:
+    """Prebuilt answers, cached per endpoint and per processing mode."""
+
+    def __init__(self) -> None:
+        self._pick: dict[tuple[str, str, int], pb.ProcessingResponse] = {}
+        self._pass: dict[tuple[str, int], pb.ProcessingResponse] = {}
+        self.response_headers = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        self.response_body = pb.ProcessingResponse(response_body=pb.BodyResponse())
+        self.request_trailers = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        self.response_trailers = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+    def pick(self, phase: str, address: str, mode: PM | None = None) -> pb.ProcessingResponse:
+        """Route to ``address``: header and dynamic metadata, both set by us alone."""
+        key = (phase, address, id(mode))
+        r = self._pick.get(key)
+        if r is None:
+            common = pb.CommonResponse()
+            common.header_mutation.set_headers.append(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=DEST_HEADER, raw_value=address.encode()), append_action=_OVERWRITE))
+            r = _wrap(phase, common)
+            r.dynamic_metadata.fields[DEST_METADATA_NS].struct_value.fields[DEST_HEADER].string_value = address
+            if mode is not None:
+                r.mode_override.CopyFrom(mode)
+            self._pick[key] = r
+        return r
+
+    def passthrough(self, phase: str, mode: PM | None = None) -> pb.ProcessingResponse:
+        """No pick (yet): only strip any client-supplied destination header."""
+        key = (phase, id(mode))
+        r = self._pass.get(key)
+        if r is None:
+            common = pb.CommonResponse()
+            common.header_mutation.remove_headers.append(DEST_HEADER)
+            r = _wrap(phase, common)
+            if mode is not None:
+                r.mode_override.CopyFrom(mode)
+            self._pass[key] = r
+        return r
+
+    @staticmethod
+    def reject(status: int, message: str) -> pb.ProcessingResponse:
+        body = json.dumps({"error": {"message": message, "type": "ai_lb_rejected", "code": status}}).encode()
+        ir = pb.ImmediateResponse(status=http_status_pb2.HttpStatus(code=status), body=body, details="ai_lb_rejected")
+        ir.headers.set_headers.append(base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"), append_action=_OVERWRITE))
+        return pb.ProcessingResponse(immediate_response=ir)
+
+
+def _wrap(phase: str, common: pb.CommonResponse) -> pb.ProcessingResponse:
+    if phase == "headers":
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))

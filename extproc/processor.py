@@ -1,0 +1,202 @@
+"""The ext_proc gRPC service: Envoy message -> request context -> policy -> answer.
+
+One coroutine per HTTP stream. The request is decided on the request headers, or, for
+policies that read the prompt, on the buffered body. Every failure path answers Envoy
+with a plain pass-through (native load balancing) rather than an error, and "done"
+runs exactly once, in ``finally``, however the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from .context import BodyError, RequestContext
+from .endpoints import Endpoint
+from .mutations import Answers
+from .policies.base import Fallback, Reject
+from .runtime import RouteRuntime, Runtime
+from .state import InflightCounter
+from .telemetry import RateLimitedLog, Telemetry
+
+log = logging.getLogger("ai_lb.processor")
+
+ATTR_NAMESPACE = "envoy.filters.http.ext_proc"
+ROUTE_ATTR = "xds.route_name"
+_EOF = grpc.aio.EOF
+_perf = time.perf_counter
+
+
+class Processor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, runtime: Runtime, telemetry: Telemetry, inflight: InflightCounter,
+                 max_body_bytes: int = 8 * 1024 * 1024) -> None:
+        self.runtime = runtime
+        self.telemetry = telemetry
+        self.inflight = inflight
+        self.max_body_bytes = max_body_bytes
+        self.answers = Answers()
+        self._errlog = RateLimitedLog(10.0)
+
+    async def Process(self, request_iterator, context) -> None:  # noqa: N802 - gRPC name
+        ctx: RequestContext | None = None
+        rt: RouteRuntime | None = None
+        outcome = "complete"
+        try:
+            while True:
+                req = await context.read()
+                if req is _EOF:
+                    break
+                kind = req.WhichOneof("request")
+                if kind == "request_headers":
+                    ctx, rt, resp = await self._on_request_headers(req)
+                elif kind == "request_body":
+                    resp = await self._on_request_body(req, ctx, rt)
+                elif kind == "response_headers":
+                    resp = self._on_response_headers(req, ctx)
+                elif kind == "response_body":
+                    resp = self._on_response_body(req, ctx)
+                elif kind == "request_trailers":
+                    resp = self.answers.request_trailers
+                elif kind == "response_trailers":
+                    resp = self.answers.response_trailers
+                else:
+                    break  # unknown message: stop processing; Envoy carries on without us
+                await context.write(resp)
+        except asyncio.CancelledError:
+            outcome = "reset"
+            raise
+        except Exception as e:  # noqa: BLE001 - never take the request down with us
+            outcome = "error"
+            self._errlog.warn(("processor", type(e).__name__), "ext_proc stream failed: %r", e)
+        finally:
+            if ctx is not None and ctx.endpoint is not None:
+                ctx.outcome = _outcome(ctx, rt, outcome)
+                self._done(ctx)
+
+    # -- request phase -----------------------------------------------------------------
+    async def _on_request_headers(self, req: pb.ProcessingRequest):
+        hm = req.request_headers
+        attrs = req.attributes.get(ATTR_NAMESPACE)
+        route_name = ""
+        if attrs is not None:
+            v = attrs.fields.get(ROUTE_ATTR)
+            if v is not None:
+                route_name = v.string_value
+        rt = self.runtime.lookup(route_name)
+        if rt is None or not rt.enabled:
+            reason = "unknown_route" if rt is None else "route_disabled"
+            self.telemetry.fallback(route_name, rt.policy_name if rt else "", reason)
+            return None, rt, self.answers.passthrough("headers")
+        headers = {}
+        for h in hm.headers.headers:
+            headers[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        ctx = RequestContext(route_name, headers)
+        if rt.needs_body and not hm.end_of_stream:
+            return ctx, rt, self.answers.passthrough("headers", rt.mode)
+        if rt.needs_body:  # bodyless request on a prompt-reading route: nothing to wait for
+            self.telemetry.fallback(route_name, rt.policy_name, "no_body")
+            return ctx, rt, self.answers.passthrough("headers")
+        return ctx, rt, await self._decide(ctx, rt, "headers")
+
+    async def _on_request_body(self, req: pb.ProcessingRequest, ctx: RequestContext | None,
+                               rt: RouteRuntime | None) -> pb.ProcessingResponse:
+        if ctx is None or rt is None or ctx.endpoint is not None:
+            return self.answers.passthrough("body")
+        b = req.request_body
+        body = b.body
+        if len(body) > self.max_body_bytes:
+            self.telemetry.fallback(ctx.route, rt.policy_name, "body_too_large", f"{len(body)} bytes")
+            return self.answers.passthrough("body")
+        ctx.body = body
+        ctx.body_complete = b.end_of_stream
+        return await self._decide(ctx, rt, "body")
+
+    async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str) -> pb.ProcessingResponse:
+        t0 = _perf()
+        policy = rt.policy
+        candidates = self.runtime.directory.candidates(rt.endpoints)
+        if not candidates:
+            self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
+            return self.answers.passthrough(phase, rt.mode if phase == "headers" else None)
+        try:
+            d = await policy.pick(ctx, candidates)
+        except BodyError as e:
+            d = Fallback(e.reason)
+            detail = str(e)
+        except Exception as e:  # noqa: BLE001
+            self._errlog.warn(("policy", rt.policy_name), "policy %s failed on route %s: %r", rt.policy_name, ctx.route, e)
+            d = Fallback("policy_error")
+            detail = type(e).__name__
+        else:
+            detail = ""
+        if isinstance(d, Endpoint):
+            ctx.endpoint = d
+            ctx.policy = policy
+            self.runtime.acquire(policy)
+            self.inflight.inc(d.address)
+            self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
+            return self.answers.pick(phase, d.address, rt.mode if phase == "headers" else None)
+        if isinstance(d, Reject):
+            self.telemetry.rejected(ctx.route, rt.policy_name, d.status, _perf() - t0)
+            return self.answers.reject(d.status, d.message)
+        self.telemetry.fallback(ctx.route, rt.policy_name, d.reason, detail)
+        return self.answers.passthrough(phase, rt.mode if phase == "headers" else None)
+
+    # -- response phase ----------------------------------------------------------------
+    def _on_response_headers(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
+        if ctx is not None and ctx.endpoint is not None:
+            for h in req.response_headers.headers.headers:
+                if h.key == ":status":
+                    try:
+                        ctx.status = int(h.raw_value or h.value)
+                    except ValueError:
+                        pass
+                    break
+            try:
+                ctx.policy.on_response_headers(ctx, ctx.status or 0)
+            except Exception as e:  # noqa: BLE001
+                self._errlog.warn(("hook", "response_headers"), "on_response_headers failed: %r", e)
+        return self.answers.response_headers
+
+    def _on_response_body(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
+        if ctx is not None and ctx.endpoint is not None:
+            b = req.response_body
+            if ctx.first_byte_at is None and b.body:
+                ctx.first_byte_at = time.monotonic()
+            try:
+                ctx.policy.on_response_body(ctx, b.body, b.end_of_stream)
+            except Exception as e:  # noqa: BLE001
+                self._errlog.warn(("hook", "response_body"), "on_response_body failed: %r", e)
+        return self.answers.response_body
+
+    def _done(self, ctx: RequestContext) -> None:
+        assert ctx.endpoint is not None
+        self.inflight.dec(ctx.endpoint.address)
+        self.telemetry.done(ctx.route, ctx.outcome)
+        try:
+            ctx.policy.on_done(ctx)
+        except Exception as e:  # noqa: BLE001
+            self._errlog.warn(("hook", "done"), "on_done failed: %r", e)
+        finally:
+            self.runtime.release(ctx.policy)
+
+
+def _outcome(ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> str:
+    """How the request ended, as precisely as the messages we subscribed to allow.
+
+    Envoy ends the ext_proc stream with a half-close or a reset at the end of *every*
+    HTTP stream, so the stream alone cannot tell success from a client abort; the response
+    status (when the policy asked for response headers) can.
+    """
+    if stream_end == "error":
+        return "error"
+    if ctx.status is not None:
+        return "error" if ctx.status >= 500 else "complete"
+    if rt is not None and rt.mode is not None and rt.mode.response_header_mode == rt.mode.SEND:
+        return "reset"  # subscribed to the response, but none came
+    return "unobserved"

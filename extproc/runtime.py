@@ -1,0 +1,122 @@
+"""The live route table: config applied to policies and endpoints, swapped on reload.
+
+A reload builds a complete new table and swaps one reference, so a request sees either
+the old or the new config, never a mix. Policies whose route config did not change are
+carried over with their state; replaced ones are closed once their last request is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from .config import Config, RouteConfig, policy_config
+from .endpoints import EndpointDirectory
+from .mutations import PM, processing_mode
+from .policies import PolicyEnv, registry
+from .policies.base import Policy
+from .state import InflightCounter
+
+log = logging.getLogger("ai_lb.runtime")
+
+CATCH_ALL = "*"
+
+
+class RouteRuntime:
+    """One route's compiled config; read on every request, so plain attributes only."""
+
+    __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "mode", "endpoints")
+
+    def __init__(self, config: RouteConfig, policy: Policy | None) -> None:
+        self.name = config.name
+        self.config = config
+        self.policy = policy
+        self.policy_name = config.lb_policy
+        self.enabled = config.enabled and policy is not None
+        self.endpoints = config.endpoints
+        self.needs_body = bool(policy and policy.needs_body)
+        self.mode: PM | None = processing_mode(self.needs_body, bool(policy and policy.needs_response_headers),
+                                               bool(policy and policy.needs_response_body)) if policy else None
+
+
+class Runtime:
+    def __init__(self, directory: EndpointDirectory, inflight: InflightCounter) -> None:
+        self.directory = directory
+        self.inflight = inflight
+        self.routes: dict[str, RouteRuntime] = {}
+        self.catch_all: RouteRuntime | None = None
+        self.config: Config | None = None
+        self._active: dict[int, int] = {}  # id(policy) -> requests it still owns
+        self._retired: dict[int, Policy] = {}
+
+    def lookup(self, route_name: str) -> RouteRuntime | None:
+        rt = self.routes.get(route_name)
+        return rt if rt is not None else self.catch_all
+
+    async def apply(self, config: Config) -> None:
+        """Install ``config``. Raises (and keeps the old table) if a new policy fails to start."""
+        old = {r.config.policy_key() + (name, config.store): r.policy
+               for name, r in self.routes.items() if r.policy is not None} if self.config else {}
+        new_routes: dict[str, RouteRuntime] = {}
+        started: list[Policy] = []
+        try:
+            for name, rc in config.routes.items():
+                if not rc.enabled:
+                    new_routes[name] = RouteRuntime(rc, None)
+                    continue
+                key = rc.policy_key() + (name, config.store)
+                policy = old.get(key)
+                if policy is None:
+                    cls = registry.get(rc.lb_policy)
+                    parsed = policy_config(cls.Config, rc.lb_config)
+                    policy = cls(parsed, PolicyEnv(route=rc, inflight=self.inflight, store_url=config.store))
+                    await policy.start()
+                    started.append(policy)
+                new_routes[name] = RouteRuntime(rc, policy)
+        except Exception:
+            for p in started:
+                await _close_quietly(p)
+            raise
+        kept = {id(r.policy) for r in new_routes.values()}
+        retired = [r.policy for r in self.routes.values() if r.policy is not None and id(r.policy) not in kept]
+        self.routes = new_routes
+        self.catch_all = new_routes.get(CATCH_ALL)
+        self.config = config
+        for p in retired:
+            self._retire(p)
+
+    # -- policy ownership: a replaced policy is closed after its last on_done ----------
+    def acquire(self, policy: Policy) -> None:
+        k = id(policy)
+        self._active[k] = self._active.get(k, 0) + 1
+
+    def release(self, policy: Policy) -> None:
+        k = id(policy)
+        n = self._active.get(k, 0) - 1
+        if n > 0:
+            self._active[k] = n
+            return
+        self._active.pop(k, None)
+        p = self._retired.pop(k, None)
+        if p is not None:
+            asyncio.get_running_loop().create_task(_close_quietly(p))
+
+    def _retire(self, policy: Policy) -> None:
+        if self._active.get(id(policy)):
+            self._retired[id(policy)] = policy
+        else:
+            asyncio.get_running_loop().create_task(_close_quietly(policy))
+
+    async def close(self) -> None:
+        for r in self.routes.values():
+            if r.policy is not None:
+                await _close_quietly(r.policy)
+        for p in self._retired.values():
+            await _close_quietly(p)
+        self.routes, self._retired = {}, {}
+
+
+async def _close_quietly(p: Policy) -> None:
+    try:
+        await p.close()
+    except Exception:  # noqa: BLE001
+        log.exception("closing policy %s failed", getattr(p, "name", p))

@@ -1,0 +1,174 @@
+"""Process wiring: gRPC server, health, metrics endpoint, endpoint discovery, reloads.
+
+Reloads come from two places, a file watcher (polling, so it works on every filesystem
+and in containers with config maps) and SIGHUP; both go through ``reload``, which keeps
+the running config when the new file is invalid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from .config import Config, ConfigError, load_config
+from .endpoints import EndpointDirectory, EnvoyAdminDiscovery
+from .processor import Processor
+from .runtime import Runtime
+from .state import MemoryInflight
+from .telemetry import Telemetry
+
+log = logging.getLogger("ai_lb")
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+GRPC_OPTIONS = [
+    # Prompts are large: a 200k-token context is ~1 MB of JSON; images more.
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_concurrent_streams", 100000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class Gateway:
+    """One ai-lb process. ``start`` then ``wait``; ``reload`` at any time."""
+
+    def __init__(self, config_path: str | os.PathLike, config: Config | None = None) -> None:
+        self.config_path = Path(config_path)
+        self.config = config or load_config(self.config_path)
+        self.telemetry = Telemetry(fallback_log_interval=self.config.server.fallback_log_interval)
+        self.inflight = MemoryInflight(on_change=self.telemetry.set_inflight)
+        self.directory = EndpointDirectory()
+        self.runtime = Runtime(self.directory, self.inflight)
+        self.processor = Processor(self.runtime, self.telemetry, self.inflight, self.config.server.max_body_bytes)
+        self.health = health.aio.HealthServicer()
+        self.discovery: EnvoyAdminDiscovery | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_server = None
+        self._tasks: list[asyncio.Task] = []
+        self._file_sig = self._file_signature()
+        self._stopping = asyncio.Event()
+        self.grpc_port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        await self.runtime.apply(self.config)
+        self._start_discovery()
+        self._update_endpoint_gauges()
+        s = grpc.aio.server(options=GRPC_OPTIONS)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, s)
+        self.grpc_port = s.add_insecure_port(self.config.server.listen)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {self.config.server.listen}")
+        await s.start()
+        self._grpc = s
+        for svc in ("", EXT_PROC_SERVICE):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        host, _, port = self.config.server.metrics_listen.rpartition(":")
+        self._metrics_server, _ = start_http_server(int(port), addr=host, registry=self.telemetry.registry)
+        self.metrics_port = self._metrics_server.server_port
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._watch_file(), name="config-watch"))
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stopping.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+        log.info("ai-lb serving ext_proc on %s:%d, metrics on %s:%d, %d route(s), store=%s",
+                 self.config.server.listen.rpartition(":")[0], self.grpc_port,
+                 host, self.metrics_port, len(self.config.routes), self.config.store)
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Report NOT_SERVING first so Envoy's health check drains us, then stop."""
+        self._stopping.set()
+        for svc in ("", EXT_PROC_SERVICE):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for t in self._tasks:
+            t.cancel()
+        if self.discovery:
+            await self.discovery.stop()
+        if self._grpc:
+            await self._grpc.stop(grace)
+        if self._metrics_server:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        await self.runtime.close()
+
+    async def reload(self, why: str = "file change") -> bool:
+        """Apply the config file again; on any problem keep serving the old config."""
+        try:
+            new = load_config(self.config_path)
+            await self.runtime.apply(new)
+        except ConfigError as e:
+            self.telemetry.reloads.labels("rejected").inc()
+            log.error("config reload (%s) rejected, keeping the running config:\n  %s", why, "\n  ".join(e.problems))
+            return False
+        except Exception as e:  # noqa: BLE001 - a policy failed to start
+            self.telemetry.reloads.labels("rejected").inc()
+            log.error("config reload (%s) failed, keeping the running config: %r", why, e)
+            return False
+        old, self.config = self.config, new
+        for fname in ("listen", "metrics_listen", "max_body_bytes"):
+            if getattr(old.server, fname) != getattr(new.server, fname):
+                log.warning("server.%s changed; takes effect on restart", fname)
+        if (old.server.envoy_admin, old.server.discovery_interval) != (new.server.envoy_admin, new.server.discovery_interval):
+            if self.discovery:
+                await self.discovery.stop()
+                self.discovery = None
+            self._start_discovery()
+        logging.getLogger("ai_lb").setLevel(new.log_level.upper())
+        self._update_endpoint_gauges()
+        self.telemetry.reloads.labels("applied").inc()
+        log.info("config reloaded (%s): %d route(s): %s", why, len(new.routes),
+                 ", ".join(f"{n}={r.lb_policy}{'' if r.enabled else '(disabled)'}" for n, r in new.routes.items()))
+        return True
+
+    # -- internals ---------------------------------------------------------------------
+    def _start_discovery(self) -> None:
+        s = self.config.server
+        if s.envoy_admin:
+            self.discovery = EnvoyAdminDiscovery(s.envoy_admin, self.directory, s.discovery_interval,
+                                                 on_change=self._update_endpoint_gauges)
+            self.discovery.start()
+
+    def _update_endpoint_gauges(self) -> None:
+        g = self.telemetry.endpoints
+        for name, r in self.runtime.routes.items():
+            eps = self.directory.all_known(r.endpoints)
+            healthy = sum(e.healthy for e in eps)
+            g.labels(name, "healthy").set(healthy)
+            g.labels(name, "unhealthy").set(len(eps) - healthy)
+
+    def _file_signature(self) -> str | None:
+        try:
+            return hashlib.sha256(self.config_path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    async def _watch_file(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.server.reload_interval)
+            sig = self._file_signature()
+            if sig is not None and sig != self._file_sig:
+                self._file_sig = sig
+                await self.reload("file change")
+
+
+async def serve(config_path: str | os.PathLike) -> None:
+    gw = Gateway(config_path)
+    await gw.start()
+    await gw.wait()

@@ -1,0 +1,144 @@
+"""Configuration validation: every kind of error names its field path and what is allowed."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from extproc.config import ConfigError, parse_config
+
+GOOD = """
+server:
+  listen: 127.0.0.1:50051
+  envoy_admin: http://127.0.0.1:9901
+routes:
+  llm:
+    lb_policy: least_request
+    endpoints: {cluster: llm_backends}
+  static-route:
+    lb_type: endpoint
+    lb_policy: round_robin
+    lb_config: {}
+    endpoints: {static: ["10.0.0.1:8000", "10.0.0.2:8000"]}
+  "off":
+    lb_policy: random
+    enabled: false
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(textwrap.dedent(text))
+    return ei.value.problems
+
+
+def test_good_config_parses_with_defaults():
+    c = parse_config(GOOD)
+    assert c.store == "memory"
+    assert c.routes["llm"].lb_type == "endpoint"
+    assert c.routes["llm"].endpoints.cluster == "llm_backends"
+    assert c.routes["static-route"].endpoints.static == ("10.0.0.1:8000", "10.0.0.2:8000")
+    assert c.routes["off"].enabled is False
+    assert c.server.metrics_listen == "127.0.0.1:9464"
+
+
+def test_unknown_policy_lists_allowed_values():
+    (p,) = problems("routes: {r: {lb_policy: fastest, endpoints: {static: ['1.2.3.4:1']}}}")
+    assert p.startswith("routes.r.lb_policy: unknown policy 'fastest'")
+    assert "least_request" in p and "round_robin" in p and "random" in p
+
+
+def test_missing_policy_is_required():
+    (p,) = problems("routes: {r: {endpoints: {static: ['1.2.3.4:1']}}}")
+    assert p.startswith("routes.r.lb_policy: required")
+
+
+def test_unknown_lb_type():
+    ps = problems("routes: {r: {lb_type: pod, lb_policy: random, endpoints: {static: ['1.2.3.4:1']}}}")
+    assert any(p.startswith("routes.r.lb_type: unknown lb_type 'pod'; allowed: endpoint, cluster") for p in ps)
+
+
+def test_unknown_fields_at_every_level():
+    ps = problems("""
+        servr: {}
+        server: {listn: x}
+        routes: {r: {lb_policy: random, lb_confg: {}, endpoints: {static: ['1.2.3.4:1'], dns: x}}}
+    """)
+    assert any(p.startswith("servr: unknown field") for p in ps)
+    assert any(p.startswith("server.listn: unknown field; allowed:") and "listen" in p for p in ps)
+    assert any(p.startswith("routes.r.lb_confg: unknown field") for p in ps)
+    assert any(p.startswith("routes.r.endpoints.dns: unknown field; allowed: cluster, static") for p in ps)
+
+
+def test_lb_config_field_checked_against_the_policy():
+    (p,) = problems("routes: {r: {lb_policy: round_robin, lb_config: {weight: 2}, endpoints: {static: ['1.2.3.4:1']}}}")
+    assert p == "routes.r.lb_config.weight: unknown field; this takes no fields"
+
+
+def test_bad_types_and_values():
+    ps = problems("""
+        store: mysql://x
+        log_level: loud
+        server: {listen: nowhere, discovery_interval: fast, max_body_bytes: -1}
+        routes: {r: {lb_policy: random, enabled: "yes", endpoints: {static: ["1.2.3.4", 7]}}}
+    """)
+    text = "\n".join(ps)
+    assert "store: expected 'memory' or a redis:// URL, got 'mysql://x'" in text
+    assert "log_level: unknown level 'loud'" in text
+    assert "server.discovery_interval: expected a number, got 'fast'" in text
+    assert "routes.r.enabled: expected true or false" in text
+    assert "routes.r.endpoints.static: expected a list of strings" in text
+
+
+def test_bad_listen_and_endpoint_addresses():
+    ps = problems("""
+        server: {listen: nowhere}
+        routes: {r: {lb_policy: random, endpoints: {static: ["1.2.3.4"]}}}
+    """)
+    assert "server.listen: expected host:port, got 'nowhere'" in ps
+    assert "routes.r.endpoints.static[0]: expected ip:port, got '1.2.3.4'" in ps
+
+
+def test_endpoints_required_and_cluster_needs_admin():
+    ps = problems("routes: {a: {lb_policy: random}, b: {lb_policy: random, endpoints: {cluster: c}}}")
+    assert any(p.startswith("routes.a.endpoints: required for lb_type 'endpoint'") for p in ps)
+    assert any(p.startswith("routes.b.endpoints.cluster: needs server.envoy_admin") for p in ps)
+
+
+def test_route_name_that_yaml_reads_as_a_boolean():
+    (p,) = problems("routes: {off: {lb_policy: random, endpoints: {static: ['1.2.3.4:1']}}}")
+    assert p == "routes.False: route names must be strings; quote it: 'False'"
+
+
+def test_invalid_yaml_and_wrong_shapes():
+    (p,) = problems("routes: [unclosed")
+    assert "invalid YAML" in p
+    (p,) = problems("- a\n- b\n")
+    assert p == "(top level): expected a mapping, got a list"
+    (p,) = problems("routes: {r: 5}")
+    assert p == "routes.r: expected a mapping, got a number"
+
+
+def test_plugin_import_error_and_plugin_policy():
+    (p,) = problems("plugins: [no.such.module]\nroutes: {}")
+    assert p.startswith("plugins[0]: cannot import 'no.such.module'")
+    c = parse_config("plugins: [plugins.model_pin]\nroutes: {r: {lb_policy: test_model_pin, lb_config: {salt: x}, endpoints: {static: ['1.2.3.4:1']}}}")
+    assert c.routes["r"].lb_policy == "test_model_pin"
+    (p,) = problems("plugins: [plugins.model_pin]\nroutes: {r: {lb_policy: test_model_pin, lb_config: {salt: 3}, endpoints: {static: ['1.2.3.4:1']}}}")
+    assert p == "routes.r.lb_config.salt: expected a string, got 3"
+
+
+def test_check_config_cli_exit_codes(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routes: {r: {lb_policy: nope, endpoints: {static: ['1.2.3.4:1']}}}")
+    r = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(good)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "routes.r.lb_policy: unknown policy 'nope'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot read" in r.stderr

@@ -1,0 +1,252 @@
+"""The ext_proc handler in-process: answers, fallbacks and the exactly-once "done" hook.
+
+These drive ``Processor.Process`` with real protobuf messages through a stand-in for the
+gRPC stream; the same paths run through a real Envoy in tests/e2e.
+"""
+
+import asyncio
+import json
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
+
+import plugins.model_pin  # noqa: F401 - registers test_model_pin
+from extproc.config import parse_config
+from extproc.endpoints import EndpointDirectory
+from extproc.mutations import DEST_HEADER, DEST_METADATA_NS
+from extproc.policies import Policy, registry
+from extproc.processor import Processor
+from extproc.runtime import Runtime
+from extproc.state import MemoryInflight
+from extproc.telemetry import Telemetry
+
+
+class Stream:
+    """Feeds requests to the handler; ``hold`` keeps the stream open until released."""
+
+    def __init__(self, msgs, hold=False):
+        self.msgs = list(msgs)
+        self.out = []
+        self.hold = asyncio.Event()
+        if not hold:
+            self.hold.set()
+
+    async def read(self):
+        if self.msgs:
+            return self.msgs.pop(0)
+        await self.hold.wait()
+        return grpc.aio.EOF
+
+    async def write(self, m):
+        self.out.append(m)
+
+
+def headers_msg(route="llm", eos=False, **hdrs):
+    h = pb.HttpHeaders(end_of_stream=eos)
+    for k, v in {":method": "POST", ":path": "/v1/chat/completions", **hdrs}.items():
+        h.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
+    req = pb.ProcessingRequest(request_headers=h)
+    s = struct_pb2.Struct()
+    s.fields["xds.route_name"].string_value = route
+    req.attributes["envoy.filters.http.ext_proc"].CopyFrom(s)
+    return req
+
+
+def body_msg(body: bytes, eos=True):
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=eos))
+
+
+def resp_headers_msg(status=200):
+    h = pb.HttpHeaders()
+    h.headers.headers.append(base_pb2.HeaderValue(key=":status", raw_value=str(status).encode()))
+    return pb.ProcessingRequest(response_headers=h)
+
+
+class Recorder(Policy):
+    name = "test_recorder"
+    needs_response_headers = True
+
+    def __init__(self, config, env):
+        super().__init__(config, env)
+        self.done = []
+        self.statuses = []
+
+    async def pick(self, ctx, candidates):
+        return candidates[0]
+
+    def on_response_headers(self, ctx, status):
+        self.statuses.append(status)
+
+    def on_done(self, ctx):
+        self.done.append(ctx.outcome)
+
+
+registry.register(Recorder)
+
+CONFIG = """
+plugins: [plugins.model_pin]
+routes:
+  llm: {lb_policy: %s, endpoints: {static: ["10.0.0.1:80", "10.0.0.2:80"]}}
+  body: {lb_policy: test_model_pin, endpoints: {static: ["10.0.0.1:80", "10.0.0.2:80"]}}
+  empty: {lb_policy: round_robin, endpoints: {cluster: nothing}}
+  "off": {lb_policy: round_robin, enabled: false}
+server: {envoy_admin: "http://127.0.0.1:1"}
+"""
+
+
+async def make(policy="round_robin"):
+    tel = Telemetry(fallback_log_interval=0)
+    infl = MemoryInflight(on_change=tel.set_inflight)
+    rt = Runtime(EndpointDirectory(), infl)
+    await rt.apply(parse_config(CONFIG % policy))
+    return Processor(rt, tel, infl), rt, infl, tel
+
+
+def dest(resp):
+    common = (resp.request_headers if resp.HasField("request_headers") else resp.request_body).response
+    sets = {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
+    md = resp.dynamic_metadata.fields.get(DEST_METADATA_NS)
+    md_val = md.struct_value.fields[DEST_HEADER].string_value if md else None
+    return sets.get(DEST_HEADER), md_val, list(common.header_mutation.remove_headers)
+
+
+def fallbacks(tel, route, reason):
+    return tel.fallbacks.labels(route, reason)._value.get()
+
+
+@pytest.mark.asyncio
+async def test_pick_sets_header_and_metadata_and_done_runs_once():
+    p, rt, infl, tel = await make()
+    s = Stream([headers_msg(eos=True, **{DEST_HEADER: "6.6.6.6:1"})])
+    await p.Process(None, s)
+    (resp,) = s.out
+    header, md, removed = dest(resp)
+    assert header == md == "10.0.0.1:80"  # the client's 6.6.6.6 is overwritten, never used
+    assert infl.snapshot() == {}  # inc on pick, dec on done
+    assert tel.requests_done.labels("llm", "unobserved")._value.get() == 1
+
+
+@pytest.mark.asyncio
+async def test_inflight_held_until_stream_ends():
+    p, rt, infl, tel = await make()
+    s = Stream([headers_msg(eos=True)], hold=True)
+    task = asyncio.create_task(p.Process(None, s))
+    await asyncio.sleep(0.01)
+    assert infl.snapshot() == {"10.0.0.1:80": 1}
+    s.hold.set()
+    await task
+    assert infl.snapshot() == {}
+
+
+@pytest.mark.asyncio
+async def test_done_exactly_once_on_complete_error_and_reset():
+    p, rt, infl, tel = await make("test_recorder")
+    pol = rt.routes["llm"].policy
+    await p.Process(None, Stream([headers_msg(eos=True), resp_headers_msg(200)]))
+    await p.Process(None, Stream([headers_msg(eos=True), resp_headers_msg(503)]))
+    s = Stream([headers_msg(eos=True)], hold=True)  # client aborts before any response
+    task = asyncio.create_task(p.Process(None, s))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pol.done == ["complete", "error", "reset"]
+    assert pol.statuses == [200, 503]
+    assert infl.snapshot() == {}
+
+
+@pytest.mark.asyncio
+async def test_policy_needing_response_headers_gets_mode_override():
+    p, rt, infl, tel = await make("test_recorder")
+    s = Stream([headers_msg(eos=True)])
+    await p.Process(None, s)
+    assert s.out[0].mode_override.response_header_mode == s.out[0].mode_override.SEND
+
+
+@pytest.mark.asyncio
+async def test_body_route_asks_for_body_then_picks_by_model():
+    p, rt, infl, tel = await make()
+    s = Stream([headers_msg("body"), body_msg(json.dumps({"model": "m1", "messages": []}).encode())])
+    await p.Process(None, s)
+    first, second = s.out
+    assert first.mode_override.request_body_mode == first.mode_override.BUFFERED_PARTIAL
+    assert dest(first) == (None, None, [DEST_HEADER])  # spoofed header stripped while we wait
+    assert dest(second)[0] in ("10.0.0.1:80", "10.0.0.2:80")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("body,eos,reason", [
+    (b"{not json", True, "malformed_json"),
+    (b"\x00\xff\xfe binary", True, "malformed_json"),
+    (b"[1, 2]", True, "malformed_json"),
+    (b'{"model": "m", "messages": [', False, "body_truncated"),
+])
+async def test_unusable_body_falls_back_with_reason(body, eos, reason):
+    p, rt, infl, tel = await make()
+    s = Stream([headers_msg("body"), body_msg(body, eos)])
+    await p.Process(None, s)
+    assert dest(s.out[1]) == (None, None, [DEST_HEADER])
+    assert fallbacks(tel, "body", reason) == 1
+    assert infl.snapshot() == {}
+
+
+@pytest.mark.asyncio
+async def test_bodyless_request_on_body_route_passes_at_once():
+    p, rt, infl, tel = await make()
+    s = Stream([headers_msg("body", eos=True, **{":method": "GET", ":path": "/v1/models"})])
+    await p.Process(None, s)
+    (resp,) = s.out
+    assert not resp.HasField("mode_override")  # no body requested: nothing to wait for
+    assert fallbacks(tel, "body", "no_body") == 1
+
+
+@pytest.mark.asyncio
+async def test_body_over_limit_falls_back():
+    p, rt, infl, tel = await make()
+    p.max_body_bytes = 10
+    s = Stream([headers_msg("body"), body_msg(b'{"model": "m1", "x": 1}')])
+    await p.Process(None, s)
+    assert fallbacks(tel, "body", "body_too_large") == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("route,reason", [("nope", "unknown_route"), ("off", "route_disabled"), ("empty", "no_healthy_endpoints")])
+async def test_route_level_fallbacks(route, reason):
+    p, rt, infl, tel = await make()
+    s = Stream([headers_msg(route, eos=True)])
+    await p.Process(None, s)
+    assert dest(s.out[0]) == (None, None, [DEST_HEADER])
+    assert fallbacks(tel, route, reason) == 1
+
+
+class Broken(Policy):
+    name = "test_broken"
+
+    async def pick(self, ctx, candidates):
+        raise RuntimeError("boom")
+
+
+registry.register(Broken)
+
+
+@pytest.mark.asyncio
+async def test_policy_exception_falls_back_not_fails():
+    p, rt, infl, tel = await make("test_broken")
+    s = Stream([headers_msg(eos=True)])
+    await p.Process(None, s)
+    assert dest(s.out[0]) == (None, None, [DEST_HEADER])
+    assert fallbacks(tel, "llm", "policy_error") == 1
+
+
+@pytest.mark.asyncio
+async def test_reload_keeps_policy_state_when_route_unchanged_and_replaces_otherwise():
+    p, rt, infl, tel = await make()
+    before = rt.routes["llm"].policy
+    await rt.apply(parse_config(CONFIG % "round_robin"))
+    assert rt.routes["llm"].policy is before
+    await rt.apply(parse_config(CONFIG % "least_request"))
+    assert rt.routes["llm"].policy is not before
+    assert rt.routes["llm"].policy.name == "least_request"
