@@ -23,7 +23,7 @@ class BodyError(ValueError):
 
 class RequestContext:
     __slots__ = ("route", "headers", "body", "body_complete", "_json", "endpoint",
-                 "status", "started", "first_byte_at", "policy_state", "policy", "outcome")
+                 "status", "response_complete", "started", "first_byte_at", "policy_state", "policy", "outcome")
 
     def __init__(self, route: str, headers: dict[str, str]) -> None:
         self.route = route
@@ -33,6 +33,7 @@ class RequestContext:
         self._json: Any = None
         self.endpoint: Endpoint | None = None
         self.status: int | None = None  # upstream response status, if the policy asked
+        self.response_complete = False  # saw the response's end (if the policy asked for the body)
         self.started = time.monotonic()
         self.first_byte_at: float | None = None
         self.policy_state: Any = None   # scratch space for the policy that picked

@@ -24,10 +24,15 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 @functools.lru_cache(maxsize=None)  # interned: answers are cached by id(mode)
-def processing_mode(body: bool, response_headers: bool, response_body: bool) -> PM | None:
-    """The mode override a policy needs, or None when Envoy's static mode suffices."""
-    if not (body or response_headers or response_body):
-        return None
+def processing_mode(body: bool, response_headers: bool, response_body: bool) -> PM:
+    """The processing mode a routed request needs from Envoy.
+
+    ``response_trailer_mode: SEND`` is always on, and it is what makes "done" correct:
+    Envoy closes the ext_proc stream as soon as it expects no further message, so without
+    a later phase subscribed the stream would end right after our answer, long before the
+    response. Trailers come last (and most HTTP/1.1 LLM responses have none, so this costs
+    no message), keeping the stream open exactly as long as the HTTP stream.
+    """
     return PM(
         request_header_mode=PM.SEND,
         # BUFFERED_PARTIAL, not BUFFERED: a body over Envoy's buffer limit reaches us
@@ -36,7 +41,7 @@ def processing_mode(body: bool, response_headers: bool, response_body: bool) -> 
         response_header_mode=PM.SEND if response_headers else PM.SKIP,
         response_body_mode=PM.STREAMED if response_body else PM.NONE,
         request_trailer_mode=PM.SKIP,
-        response_trailer_mode=PM.SKIP,
+        response_trailer_mode=PM.SEND,
     )
 
 

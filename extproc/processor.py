@@ -168,6 +168,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             b = req.response_body
             if ctx.first_byte_at is None and b.body:
                 ctx.first_byte_at = time.monotonic()
+            if b.end_of_stream:
+                ctx.response_complete = True
             try:
                 ctx.policy.on_response_body(ctx, b.body, b.end_of_stream)
             except Exception as e:  # noqa: BLE001
@@ -189,14 +191,20 @@ class Processor(pb_grpc.ExternalProcessorServicer):
 def _outcome(ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> str:
     """How the request ended, as precisely as the messages we subscribed to allow.
 
-    Envoy ends the ext_proc stream with a half-close or a reset at the end of *every*
-    HTTP stream, so the stream alone cannot tell success from a client abort; the response
-    status (when the policy asked for response headers) can.
+    Envoy half-closes the ext_proc stream at the end of every HTTP stream, client aborts
+    included, so the stream alone cannot tell success from an abort; the response status
+    (if the policy asked for response headers) and the response's end of stream (if it
+    asked for the body) can.
     """
     if stream_end == "error":
         return "error"
+    mode = rt.mode if rt is not None else None
+    if ctx.status is not None and ctx.status >= 500:
+        return "error"
+    if mode is not None and mode.response_body_mode != mode.NONE and not ctx.response_complete:
+        return "reset"
     if ctx.status is not None:
-        return "error" if ctx.status >= 500 else "complete"
-    if rt is not None and rt.mode is not None and rt.mode.response_header_mode == rt.mode.SEND:
+        return "complete"
+    if mode is not None and mode.response_header_mode == mode.SEND:
         return "reset"  # subscribed to the response, but none came
     return "unobserved"

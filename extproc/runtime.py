@@ -34,8 +34,8 @@ class RouteRuntime:
         self.enabled = config.enabled and policy is not None
         self.endpoints = config.endpoints
         self.needs_body = bool(policy and policy.needs_body)
-        self.mode: PM | None = processing_mode(self.needs_body, bool(policy and policy.needs_response_headers),
-                                               bool(policy and policy.needs_response_body)) if policy else None
+        self.mode: PM | None = processing_mode(policy.needs_body, policy.needs_response_headers,
+                                               policy.needs_response_body) if policy else None
 
 
 class Runtime:

@@ -202,3 +202,23 @@ def test_unhealthy_endpoint_is_never_picked(gw):
     assert res.failed == 0, (res.statuses, res.errors[:3])
     assert sorted(res.served_by) == sorted([str(gw.backends[1]), str(gw.backends[2])])
     h.wait_cluster_healthy(gw.ports.admin, "llm_backends", 3, timeout=15)
+
+
+def test_long_stream_holds_its_in_flight_count_until_the_end(gw):
+    """The ext_proc stream must live as long as the HTTP stream: "done" is not early."""
+    gw.ai_lb({"llm": {"lb_policy": "least_request", "endpoints": {"cluster": "llm_backends"}}})
+    res = h.LoadResult()
+    # ~2 s of streaming at this time scale
+    t = threading.Thread(target=lambda: h.load(gw.url + CHAT, n=1, concurrency=1, res=res,
+                                               make_body=lambda i: h.chat_body(max_tokens=16000, stream=True)))
+    t0 = time.monotonic()
+    t.start()
+    samples = []
+    while t.is_alive():
+        samples.append((time.monotonic() - t0, h.metric_value(gw.metrics(), "ai_lb_inflight_requests")))
+        time.sleep(0.2)
+    t.join()
+    elapsed = time.monotonic() - t0
+    assert res.failed == 0 and elapsed > 1.5, (res.statuses, elapsed)
+    assert all(n == 1 for ts, n in samples if 0.3 < ts < elapsed - 0.4), samples
+    assert h.metric_value(gw.metrics(), "ai_lb_inflight_requests") == 0

@@ -250,3 +250,37 @@ async def test_reload_keeps_policy_state_when_route_unchanged_and_replaces_other
     await rt.apply(parse_config(CONFIG % "least_request"))
     assert rt.routes["llm"].policy is not before
     assert rt.routes["llm"].policy.name == "least_request"
+
+
+class BodyRecorder(Recorder):
+    name = "test_body_recorder"
+    needs_response_body = True
+
+
+registry.register(BodyRecorder)
+
+
+def resp_body_msg(data=b"data: x\n\n", eos=False):
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=eos))
+
+
+@pytest.mark.asyncio
+async def test_response_body_subscription_tells_complete_from_aborted():
+    p, rt, infl, tel = await make("test_body_recorder")
+    pol = rt.routes["llm"].policy
+    await p.Process(None, Stream([headers_msg(eos=True), resp_headers_msg(200), resp_body_msg(), resp_body_msg(eos=True)]))
+    # The client went away mid-stream: Envoy half-closes without the body's end.
+    await p.Process(None, Stream([headers_msg(eos=True), resp_headers_msg(200), resp_body_msg()]))
+    assert pol.done == ["complete", "reset"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["round_robin", "test_recorder", "test_model_pin"])
+async def test_routed_requests_keep_the_stream_open_until_the_response_ends(policy):
+    """Envoy closes the ext_proc stream once it expects nothing more; subscribing to
+    response trailers is what keeps "done" at the real end of the response."""
+    p, rt, infl, tel = await make(policy)
+    route = "body" if policy == "test_model_pin" else "llm"
+    s = Stream([headers_msg(route)])
+    await p.Process(None, s)
+    assert s.out[0].mode_override.response_trailer_mode == s.out[0].mode_override.SEND
