@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -25,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="start simulated vLLM servers, ai-lb and Envoy, send traffic, show where it went")
     d.add_argument("--requests", type=int, default=24)
     d.add_argument("--policy", default="least_request")
+    d.add_argument("--backends", type=int, default=3, help="number of simulated vLLM servers")
+    d.add_argument("--time-scale", type=float, default=0.05, help="simulator wall seconds per simulated second")
     sub.add_parser("sim", help="run the vLLM simulator (see `ai-lb sim --help`)")
     a = p.parse_args(argv)
 
@@ -46,19 +47,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{a.config}: {line}", file=sys.stderr)
             return 2
         logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from .server import Gateway
+        from .server import run
 
-        async def run() -> None:
-            gw = Gateway(a.config, cfg)
-            await gw.start()
-            await gw.wait()
-
-        asyncio.run(run())
+        run(a.config, cfg)
         return 0
     if a.cmd == "demo":
         from .demo import main as demo_main
 
-        return demo_main(requests=a.requests, policy=a.policy)
+        return demo_main(requests=a.requests, policy=a.policy, backends=a.backends, time_scale=a.time_scale)
     return 1
 
 

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -61,6 +61,7 @@ class RouteConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
+    transport: Literal["native", "grpcio"] = "native"
     metrics_listen: str = "127.0.0.1:9464"
     envoy_admin: str | None = None
     discovery_interval: float = 1.0

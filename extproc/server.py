@@ -15,12 +15,14 @@ import signal
 from pathlib import Path
 
 import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from .config import Config, ConfigError, load_config
 from .endpoints import EndpointDirectory, EnvoyAdminDiscovery
+from .h2grpc import EOF, GrpcError, GrpcServer
 from .processor import Processor
 from .runtime import Runtime
 from .state import MemoryInflight
@@ -29,6 +31,8 @@ from .telemetry import Telemetry
 log = logging.getLogger("ai_lb")
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+PROCESS_METHOD = f"/{EXT_PROC_SERVICE}/Process"
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 GRPC_OPTIONS = [
     # Prompts are large: a 200k-token context is ~1 MB of JSON; images more.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -49,9 +53,11 @@ class Gateway:
         self.directory = EndpointDirectory()
         self.runtime = Runtime(self.directory, self.inflight)
         self.processor = Processor(self.runtime, self.telemetry, self.inflight, self.config.server.max_body_bytes)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # grpcio transport
+        self._health_status: dict[str, int] = {}     # native transport
         self.discovery: EnvoyAdminDiscovery | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._h2: GrpcServer | None = None
         self._metrics_server = None
         self._tasks: list[asyncio.Task] = []
         self._file_sig = self._file_signature()
@@ -63,16 +69,11 @@ class Gateway:
         await self.runtime.apply(self.config)
         self._start_discovery()
         self._update_endpoint_gauges()
-        s = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, s)
-        self.grpc_port = s.add_insecure_port(self.config.server.listen)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {self.config.server.listen}")
-        await s.start()
-        self._grpc = s
-        for svc in ("", EXT_PROC_SERVICE):
-            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.server.transport == "grpcio":
+            await self._start_grpcio()
+        else:
+            await self._start_native()
+        await self._set_health(True)
         host, _, port = self.config.server.metrics_listen.rpartition(":")
         self._metrics_server, _ = start_http_server(int(port), addr=host, registry=self.telemetry.registry)
         self.metrics_port = self._metrics_server.server_port
@@ -84,8 +85,8 @@ class Gateway:
                 loop.add_signal_handler(sig, self._stopping.set)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
-        log.info("ai-lb serving ext_proc on %s:%d, metrics on %s:%d, %d route(s), store=%s",
-                 self.config.server.listen.rpartition(":")[0], self.grpc_port,
+        log.info("ai-lb serving ext_proc on %s:%d (%s transport), metrics on %s:%d, %d route(s), store=%s",
+                 self.config.server.listen.rpartition(":")[0], self.grpc_port, self.config.server.transport,
                  host, self.metrics_port, len(self.config.routes), self.config.store)
 
     async def wait(self) -> None:
@@ -95,14 +96,15 @@ class Gateway:
     async def stop(self, grace: float = 1.0) -> None:
         """Report NOT_SERVING first so Envoy's health check drains us, then stop."""
         self._stopping.set()
-        for svc in ("", EXT_PROC_SERVICE):
-            await self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(False)
         for t in self._tasks:
             t.cancel()
         if self.discovery:
             await self.discovery.stop()
         if self._grpc:
             await self._grpc.stop(grace)
+        if self._h2:
+            await self._h2.stop(grace)
         if self._metrics_server:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -122,7 +124,7 @@ class Gateway:
             log.error("config reload (%s) failed, keeping the running config: %r", why, e)
             return False
         old, self.config = self.config, new
-        for fname in ("listen", "metrics_listen", "max_body_bytes"):
+        for fname in ("listen", "metrics_listen", "max_body_bytes", "transport"):
             if getattr(old.server, fname) != getattr(new.server, fname):
                 log.warning("server.%s changed; takes effect on restart", fname)
         if (old.server.envoy_admin, old.server.discovery_interval) != (new.server.envoy_admin, new.server.discovery_interval):
@@ -136,6 +138,40 @@ class Gateway:
         log.info("config reloaded (%s): %d route(s): %s", why, len(new.routes),
                  ", ".join(f"{n}={r.lb_policy}{'' if r.enabled else '(disabled)'}" for n, r in new.routes.items()))
         return True
+
+    # -- transports --------------------------------------------------------------------
+    async def _start_native(self) -> None:
+        srv = GrpcServer()
+        srv.add_method(PROCESS_METHOD, pb.ProcessingRequest.FromString, lambda st: self.processor.Process(None, st))
+        srv.add_method(HEALTH_CHECK_METHOD, health_pb2.HealthCheckRequest.FromString, self._health_check)
+        host, _, port = self.config.server.listen.rpartition(":")
+        self.grpc_port = await srv.start(host.strip("[]"), int(port))
+        self._h2 = srv
+
+    async def _start_grpcio(self) -> None:
+        s = grpc.aio.server(options=GRPC_OPTIONS)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, s)
+        self.grpc_port = s.add_insecure_port(self.config.server.listen)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {self.config.server.listen}")
+        await s.start()
+        self._grpc = s
+
+    async def _health_check(self, stream) -> None:
+        req = await stream.read()
+        if req is EOF:
+            raise GrpcError(13, "no request message")
+        status = self._health_status.get(req.service)
+        if status is None:
+            raise GrpcError(5, f"unknown service {req.service!r}")
+        await stream.write(health_pb2.HealthCheckResponse(status=status))
+
+    async def _set_health(self, serving: bool) -> None:
+        st = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for svc in ("", EXT_PROC_SERVICE):
+            self._health_status[svc] = st
+            await self.health.set(svc, st)
 
     # -- internals ---------------------------------------------------------------------
     def _start_discovery(self) -> None:
@@ -168,7 +204,18 @@ class Gateway:
                 await self.reload("file change")
 
 
-async def serve(config_path: str | os.PathLike) -> None:
-    gw = Gateway(config_path)
+async def serve(config_path: str | os.PathLike, config: Config | None = None) -> None:
+    gw = Gateway(config_path, config)
     await gw.start()
     await gw.wait()
+
+
+def run(config_path: str | os.PathLike, config: Config | None = None) -> None:
+    """Run until SIGTERM/SIGINT, on uvloop when it is installed (a faster event loop)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config_path, config))
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(serve(config_path, config))

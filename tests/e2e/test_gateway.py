@@ -25,8 +25,12 @@ def served(res: h.LoadResult) -> dict[str, int]:
     return dict(res.served_by)
 
 
-def test_policy_is_honoured(gw):
-    gw.ai_lb({"llm": pin(gw, 1)})
+TRANSPORTS = pytest.mark.parametrize("transport", ["native", "grpcio"])
+
+
+@TRANSPORTS
+def test_policy_is_honoured(gw, transport):
+    gw.ai_lb({"llm": pin(gw, 1)}, server={"transport": transport})
     res = h.load(gw.url + CHAT, n=30, concurrency=3)
     assert res.failed == 0, res.errors[:3]
     assert served(res) == {str(gw.backends[1]): 30}
@@ -106,8 +110,9 @@ def test_huge_body_is_not_rejected_by_the_gateway(gw):
     assert sum(h.metric_value(m, "ai_lb_fallbacks_total", route="llm", reason=r) for r in ("body_truncated", "body_too_large")) == 1
 
 
-def test_killing_ai_lb_during_traffic_fails_no_request(gw):
-    p = gw.ai_lb({"llm": pin(gw, 1, policy="least_request")})
+@TRANSPORTS
+def test_killing_ai_lb_during_traffic_fails_no_request(gw, transport):
+    p = gw.ai_lb({"llm": pin(gw, 1, policy="least_request")}, server={"transport": transport})
     res = h.LoadResult()
     t = threading.Thread(target=lambda: h.load(gw.url + CHAT, duration=4.0, concurrency=8, res=res,
                                                make_body=lambda i: h.chat_body(f"q{i}", max_tokens=8, stream=i % 2 == 0)))
@@ -156,8 +161,9 @@ def test_invalid_reload_keeps_old_config_and_sighup_reloads(gw):
     assert served(res) == {str(gw.backends[1]): 10}
 
 
-def test_done_fires_once_per_request_including_aborts(gw):
-    gw.ai_lb({"llm": {"lb_policy": "least_request", "endpoints": {"cluster": "llm_backends"}}})
+@TRANSPORTS
+def test_done_fires_once_per_request_including_aborts(gw, transport):
+    gw.ai_lb({"llm": {"lb_policy": "least_request", "endpoints": {"cluster": "llm_backends"}}}, server={"transport": transport})
     ok = h.load(gw.url + CHAT, n=20, concurrency=4, make_body=lambda i: h.chat_body(max_tokens=20, stream=True))
     assert ok.failed == 0
 
