@@ -22,12 +22,13 @@ class BodyError(ValueError):
 
 
 class RequestContext:
-    __slots__ = ("route", "headers", "body", "body_complete", "_json", "endpoint",
+    __slots__ = ("route", "_header_map", "_headers", "body", "body_complete", "_json", "endpoint",
                  "status", "response_complete", "started", "first_byte_at", "policy_state", "policy", "outcome")
 
-    def __init__(self, route: str, headers: dict[str, str]) -> None:
+    def __init__(self, route: str, headers: dict[str, str] | None = None, header_map: Any = None) -> None:
         self.route = route
-        self.headers = headers          # lower-case names; pseudo-headers included
+        self._headers = headers
+        self._header_map = header_map   # Envoy's HeaderMap, decoded only if a policy looks
         self.body: bytes | None = None
         self.body_complete = True
         self._json: Any = None
@@ -39,6 +40,22 @@ class RequestContext:
         self.policy_state: Any = None   # scratch space for the policy that picked
         self.policy: Any = None         # the policy instance that owns on_done
         self.outcome = "complete"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Request headers, lower-case names, pseudo-headers included.
+
+        Built on first use: walking the protobuf header list is the largest cost of a
+        decision, and most policies never read a header.
+        """
+        h = self._headers
+        if h is None:
+            h = {}
+            if self._header_map is not None:
+                for hv in self._header_map.headers:
+                    h[hv.key] = hv.raw_value.decode("latin-1") if hv.raw_value else hv.value
+            self._headers = h
+        return h
 
     @property
     def method(self) -> str:

@@ -147,6 +147,7 @@ class H2Connection(asyncio.Protocol):
         self.inbuf = bytearray()
         self.preface_ok = False
         self.decoder = hpack.Decoder()
+        self.path_cache: dict[bytes, str] = {}
         self.streams: dict[int, GrpcStream] = {}
         self.peer_initial_window = 65535
         self.peer_max_frame = 16384
@@ -296,10 +297,7 @@ class H2Connection(asyncio.Protocol):
             self.cont = (sid, flags, bytearray(block))
 
     def _header_block(self, sid: int, flags: int, block: bytes) -> None:
-        try:
-            headers = self.decoder.decode(block, raw=True)
-        except Exception as e:  # noqa: BLE001 - HPACK state is now unknown: the connection is lost
-            raise _ConnectionError(0x9, f"HPACK decoding failed: {e}") from None
+        path = self._path_of(block)
         s = self.streams.get(sid)
         if s is not None:  # trailers from the client end its side of the stream
             if flags & F_END_STREAM:
@@ -309,15 +307,10 @@ class H2Connection(asyncio.Protocol):
         if sid % 2 == 0 or sid <= self.last_sid:
             return  # not a new client stream (or one we already closed): ignore
         self.last_sid = sid
-        path = b""
-        for k, v in headers:
-            if k == b":path":
-                path = v
-                break
-        method = self.server.methods.get(path.decode("latin-1"))
+        method = self.server.methods.get(path)
         if method is None or self.goaway:
             self._write(frame(HEADERS, F_END_HEADERS | F_END_STREAM, sid,
-                              RESPONSE_HEADERS + trailers_block(GRPC_UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}")))
+                              RESPONSE_HEADERS + trailers_block(GRPC_UNIMPLEMENTED, f"unknown method {path}")))
             return
         s = GrpcStream(self, sid, method)
         self.streams[sid] = s
@@ -338,6 +331,36 @@ class H2Connection(asyncio.Protocol):
             self._finish(s, trailers_block(GRPC_INTERNAL, type(e).__name__))
             return
         self._finish(s, TRAILERS_OK)
+
+    def _path_of(self, block: bytes) -> str:
+        """Decode a header block and return its ``:path``.
+
+        Envoy opens a stream per HTTP request with the same headers each time; once they
+        sit in HPACK's dynamic table the block bytes repeat exactly. A block whose decoding
+        left the dynamic table untouched can be skipped the next time (same bytes + same
+        table = same headers), which removes HPACK (Huffman) decoding from the hot path.
+        Any block that changes the table invalidates the cache.
+        """
+        path = self.path_cache.get(block)
+        if path is not None:
+            return path
+        ents = self.decoder.header_table.dynamic_entries
+        before = (len(ents), id(ents[0]) if ents else 0, self.decoder.header_table.maxsize)
+        try:
+            headers = self.decoder.decode(block, raw=True)
+        except Exception as e:  # noqa: BLE001 - HPACK state is now unknown: the connection is lost
+            raise _ConnectionError(0x9, f"HPACK decoding failed: {e}") from None
+        path = ""
+        for k, v in headers:
+            if k == b":path":
+                path = v.decode("latin-1")
+                break
+        if (len(ents), id(ents[0]) if ents else 0, self.decoder.header_table.maxsize) == before:
+            if len(self.path_cache) < 4096:
+                self.path_cache[block] = path
+        else:
+            self.path_cache.clear()
+        return path
 
     def _settings(self, payload: bytes) -> None:
         if len(payload) % 6:

@@ -92,10 +92,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             reason = "unknown_route" if rt is None else "route_disabled"
             self.telemetry.fallback(route_name, rt.policy_name if rt else "", reason)
             return None, rt, self.answers.passthrough("headers")
-        headers = {}
-        for h in hm.headers.headers:
-            headers[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
-        ctx = RequestContext(route_name, headers)
+        ctx = RequestContext(route_name, header_map=hm.headers)
         if rt.needs_body and not hm.end_of_stream:
             return ctx, rt, self.answers.passthrough("headers", rt.mode)
         if rt.needs_body:  # bodyless request on a prompt-reading route: nothing to wait for

@@ -1,67 +1,120 @@
 """ai-lb's own Prometheus metrics and its rate-limited fallback log.
 
-Label children are cached: ``labels()`` costs a lock and a dict build per call, and
-these counters sit on the per-request path.
+The per-request metrics are plain dict counters turned into Prometheus families only
+when scraped: prometheus_client's labelled metrics take a lock and validate on every
+call, which cost more than the routing decision itself. Rare events (reloads, endpoint
+counts) use prometheus_client directly.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 log = logging.getLogger("ai_lb.fallback")
 
-_LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
 class Telemetry:
     def __init__(self, registry: CollectorRegistry | None = None, fallback_log_interval: float = 10.0) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.decisions = Counter("ai_lb_decisions", "Routing decisions by route, policy, endpoint and outcome "
-                                 "(picked, rejected, fallback).", ["route", "policy", "endpoint", "outcome"], registry=r)
-        self.decision_seconds = Histogram("ai_lb_decision_duration_seconds", "Time from the message that "
-                                          "completed the request's input to the answer sent to Envoy.",
-                                          ["route", "policy"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.fallbacks = Counter("ai_lb_fallbacks", "Requests handed back to Envoy's native load balancing, by reason.",
-                                 ["route", "reason"], registry=r)
-        self.inflight = Gauge("ai_lb_inflight_requests", "Requests in flight per endpoint through this instance.",
-                              ["endpoint"], registry=r)
-        self.requests_done = Counter("ai_lb_requests_done", "Finished requests that ai-lb routed, by how they ended.",
-                                     ["route", "outcome"], registry=r)
-        self.reloads = Counter("ai_lb_config_reloads", "Configuration reload attempts by result.", ["result"], registry=r)
-        self.endpoints = Gauge("ai_lb_route_endpoints", "Known endpoints per route by health.", ["route", "state"], registry=r)
-        self._children: dict[tuple, object] = {}
+        self.decisions: dict[tuple[str, str, str, str], int] = {}   # route, policy, endpoint, outcome
+        self.fallbacks: dict[tuple[str, str], int] = {}             # route, reason
+        self.requests_done: dict[tuple[str, str], int] = {}         # route, outcome
+        self.inflight: dict[str, int] = {}                          # endpoint
+        self.decision_seconds: dict[tuple[str, str], list] = {}     # route, policy -> [bucket counts..., sum]
+        self.reloads = Counter("ai_lb_config_reloads", "Configuration reload attempts by result.", ["result"],
+                               registry=self.registry)
+        self.endpoints = Gauge("ai_lb_route_endpoints", "Known endpoints per route by health.", ["route", "state"],
+                               registry=self.registry)
+        self.registry.register(_Collector(self))
         self._fb_log = RateLimitedLog(fallback_log_interval)
 
-    def _child(self, metric, *labels):
-        key = (id(metric), *labels)
-        c = self._children.get(key)
-        if c is None:
-            c = self._children[key] = metric.labels(*labels)
-        return c
-
+    # -- per-request ------------------------------------------------------------------
     def picked(self, route: str, policy: str, endpoint: str, seconds: float) -> None:
-        self._child(self.decisions, route, policy, endpoint, "picked").inc()
-        self._child(self.decision_seconds, route, policy).observe(seconds)
+        k = (route, policy, endpoint, "picked")
+        self.decisions[k] = self.decisions.get(k, 0) + 1
+        self._observe(route, policy, seconds)
 
     def rejected(self, route: str, policy: str, status: int, seconds: float) -> None:
-        self._child(self.decisions, route, policy, "", "rejected").inc()
-        self._child(self.decision_seconds, route, policy).observe(seconds)
+        k = (route, policy, "", "rejected")
+        self.decisions[k] = self.decisions.get(k, 0) + 1
+        self._observe(route, policy, seconds)
 
     def fallback(self, route: str, policy: str, reason: str, detail: str = "") -> None:
-        self._child(self.decisions, route, policy, "", "fallback").inc()
-        self._child(self.fallbacks, route, reason).inc()
-        self._fb_log.warn((route, reason), "fallback to native LB: route=%s policy=%s reason=%s%s",
+        k = (route, policy, "", "fallback")
+        self.decisions[k] = self.decisions.get(k, 0) + 1
+        f = (route, reason)
+        self.fallbacks[f] = self.fallbacks.get(f, 0) + 1
+        self._fb_log.warn(f, "fallback to native LB: route=%s policy=%s reason=%s%s",
                           route, policy or "-", reason, f" ({detail})" if detail else "")
 
     def set_inflight(self, endpoint: str, n: int) -> None:
-        self._child(self.inflight, endpoint).set(n)
+        self.inflight[endpoint] = n
 
     def done(self, route: str, outcome: str) -> None:
-        self._child(self.requests_done, route, outcome).inc()
+        k = (route, outcome)
+        self.requests_done[k] = self.requests_done.get(k, 0) + 1
+
+    def _observe(self, route: str, policy: str, seconds: float) -> None:
+        h = self.decision_seconds.get((route, policy))
+        if h is None:
+            h = self.decision_seconds[(route, policy)] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+        h[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        h[-1] += seconds
+
+    # -- reading (tests, status) ------------------------------------------------------
+    def fallback_count(self, route: str, reason: str) -> int:
+        return self.fallbacks.get((route, reason), 0)
+
+    def done_count(self, route: str, outcome: str) -> int:
+        return self.requests_done.get((route, outcome), 0)
+
+
+class _Collector:
+    """Builds the per-request metric families at scrape time (in the scraper's thread;
+    ``dict(...)`` copies are atomic under the GIL)."""
+
+    def __init__(self, t: Telemetry) -> None:
+        self.t = t
+
+    def collect(self):
+        t = self.t
+        c = CounterMetricFamily("ai_lb_decisions", "Routing decisions by route, policy, endpoint and outcome "
+                                "(picked, rejected, fallback).", labels=["route", "policy", "endpoint", "outcome"])
+        for k, v in dict(t.decisions).items():
+            c.add_metric(list(k), v)
+        yield c
+        c = CounterMetricFamily("ai_lb_fallbacks", "Requests handed back to Envoy's native load balancing, by reason.",
+                                labels=["route", "reason"])
+        for k, v in dict(t.fallbacks).items():
+            c.add_metric(list(k), v)
+        yield c
+        c = CounterMetricFamily("ai_lb_requests_done", "Finished requests that ai-lb routed, by how they ended.",
+                                labels=["route", "outcome"])
+        for k, v in dict(t.requests_done).items():
+            c.add_metric(list(k), v)
+        yield c
+        g = GaugeMetricFamily("ai_lb_inflight_requests", "Requests in flight per endpoint through this instance.",
+                              labels=["endpoint"])
+        for k, v in dict(t.inflight).items():
+            g.add_metric([k], v)
+        yield g
+        h = HistogramMetricFamily("ai_lb_decision_duration_seconds", "Time from the message that completed the "
+                                  "request's input to the answer sent to Envoy.", labels=["route", "policy"])
+        for k, counts in dict(t.decision_seconds).items():
+            counts = list(counts)
+            buckets, acc = [], 0
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts[:-1]):
+                acc += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+            h.add_metric(list(k), buckets, counts[-1])
+        yield h
 
 
 class RateLimitedLog:

@@ -196,3 +196,40 @@ async def test_garbage_is_refused_without_hurting_the_server():
             assert r.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await srv.stop(0.1)
+
+
+@pytest.mark.asyncio
+async def test_header_block_cache_follows_hpack_table_changes():
+    """Repeated blocks skip HPACK decoding; a block that changes the table must not
+    leave stale entries behind (index numbers shift, so old bytes mean other headers)."""
+    srv, port, echo = await start()
+    loop = asyncio.get_running_loop()
+    base = [(":method", "POST"), (":scheme", "http"), (":authority", "x"), ("content-type", "application/grpc")]
+
+    def client():
+        enc = hpack.Encoder()
+        msg = body(1).SerializeToString()
+        data = b"\x00" + struct.pack(">I", len(msg)) + msg
+        out = PREFACE + frame(4, 0, 0)
+        paths = [PROCESS, PROCESS, PROCESS, "/no.Such/Method", "/other.Unknown/Call", PROCESS, PROCESS]
+        for i, p in enumerate(paths):
+            sid = 2 * i + 1
+            out += frame(1, 0x4, sid, enc.encode(base + [(":path", p)])) + frame(0, 0x1, sid, data)
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(out)
+        frames = _read_frames(s, want_end_stream=2 * len(paths) - 1)
+        s.close()
+        dec = hpack.Decoder()
+        status = {}
+        for ftype, flags, sid, payload in frames:
+            if ftype == 1:
+                for k, v in dec.decode(payload):
+                    if k == "grpc-status":
+                        status[sid] = v
+        return [status.get(2 * i + 1) for i in range(len(paths))]
+
+    try:
+        got = await loop.run_in_executor(None, client)
+    finally:
+        await srv.stop(0.1)
+    assert got == ["0", "0", "0", "12", "12", "0", "0"]

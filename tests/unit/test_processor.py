@@ -114,7 +114,7 @@ def dest(resp):
 
 
 def fallbacks(tel, route, reason):
-    return tel.fallbacks.labels(route, reason)._value.get()
+    return tel.fallback_count(route, reason)
 
 
 @pytest.mark.asyncio
@@ -126,7 +126,7 @@ async def test_pick_sets_header_and_metadata_and_done_runs_once():
     header, md, removed = dest(resp)
     assert header == md == "10.0.0.1:80"  # the client's 6.6.6.6 is overwritten, never used
     assert infl.snapshot() == {}  # inc on pick, dec on done
-    assert tel.requests_done.labels("llm", "unobserved")._value.get() == 1
+    assert tel.done_count("llm", "unobserved") == 1
 
 
 @pytest.mark.asyncio
