@@ -8,11 +8,11 @@ answer (``mutations``). Routes and their policies come from ``config`` and live 
 from .config import Config, ConfigError, RouteConfig, load_config, parse_config
 from .context import BodyError, RequestContext
 from .endpoints import Endpoint
-from .policies import Decision, Fallback, Policy, PolicyEnv, Reject
+from .policies import ClusterPick, Decision, Fallback, Policy, PolicyEnv, Reject
 from .policies.registry import register as register_policy
 
 __all__ = [
-    "BodyError", "Config", "ConfigError", "Decision", "Endpoint", "Fallback", "Policy", "PolicyEnv",
+    "BodyError", "ClusterPick", "Config", "ConfigError", "Decision", "Endpoint", "Fallback", "Policy", "PolicyEnv",
     "Reject", "RequestContext", "RouteConfig", "load_config", "parse_config", "register_policy",
 ]
 __version__ = "0.1.0"

