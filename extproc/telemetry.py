@@ -105,6 +105,14 @@ class _Collector:
         for k, v in dict(t.inflight).items():
             g.add_metric([k], v)
         yield g
+        from .state import stats
+
+        c = CounterMetricFamily("ai_lb_state_events", "State store events: redis errors answered with local "
+                                "state (local_pick, local_count), resynchronisations after an outage (resync).",
+                                labels=["store", "event"])
+        for k, v in dict(stats.events).items():
+            c.add_metric(list(k), v)
+        yield c
         h = HistogramMetricFamily("ai_lb_decision_duration_seconds", "Time from the message that completed the "
                                   "request's input to the answer sent to Envoy.", labels=["route", "policy"])
         for k, counts in dict(t.decision_seconds).items():

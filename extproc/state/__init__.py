@@ -4,6 +4,7 @@ Policies depend on these protocols, never on a backend, so a single instance run
 in-memory state and a fleet shares the same interfaces through Redis.
 """
 
+from .counts import GlobalCounts, MemoryCounts
 from .inflight import InflightCounter, MemoryInflight
 
-__all__ = ["InflightCounter", "MemoryInflight"]
+__all__ = ["GlobalCounts", "InflightCounter", "MemoryCounts", "MemoryInflight"]

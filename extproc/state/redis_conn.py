@@ -1,0 +1,115 @@
+"""Redis connections for the shared-state stores, with a bounded wait and a breaker.
+
+Redis is on the request path of the global policies, so a slow or dead Redis must cost
+a request at most ``timeout`` (default 50 ms, where Higress waits 3 s), and after a
+failure the breaker opens so later requests do not wait at all: they use the local
+fallback until a probe after ``cooldown`` finds Redis back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+
+log = logging.getLogger("ai_lb.redis")
+T = TypeVar("T")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    p = urlsplit(url)
+    if p.password is None:
+        return url
+    netloc = f"{p.username or ''}:***@{p.hostname}" + (f":{p.port}" if p.port else "")
+    return urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
+
+
+def higress_redis_url(serviceFQDN: str, servicePort: int, username: str = "", password: str = "",
+                      database: int = 0) -> str:
+    """Higress's lb_config Redis fields as a redis:// URL."""
+    auth = ""
+    if username or password:
+        auth = f"{quote(username, safe='')}:{quote(password, safe='')}@"
+    return f"redis://{auth}{serviceFQDN}:{servicePort}/{database}"
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer within the bound, or the breaker is open."""
+
+
+class Breaker:
+    def __init__(self, cooldown: float = 1.0) -> None:
+        self.cooldown = cooldown
+        self.open_until = 0.0
+        self.trips = 0
+
+    def allow(self) -> bool:
+        return time.monotonic() >= self.open_until
+
+    def fail(self) -> None:
+        if self.allow():
+            self.trips += 1
+        self.open_until = time.monotonic() + self.cooldown
+
+    def ok(self) -> None:
+        self.open_until = 0.0
+
+
+class RedisConn:
+    """One client per Redis URL; ``call`` applies the time bound and the breaker."""
+
+    def __init__(self, url: str, timeout: float = 0.05, cooldown: float = 1.0) -> None:
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.timeout = timeout
+        self.breaker = Breaker(cooldown)
+        self.client = aioredis.Redis.from_url(url, socket_timeout=max(timeout, 0.01),
+                                              socket_connect_timeout=max(timeout, 0.01),
+                                              health_check_interval=0, retry_on_timeout=False)
+        self.was_down = False
+        self.on_recover: list[Callable[[], Awaitable[None]]] = []
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        if not self.breaker.allow():
+            raise RedisUnavailable("breaker open")
+        try:
+            r = await asyncio.wait_for(fn(), self.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - timeouts, connection errors, script errors
+            self.breaker.fail()
+            if not self.was_down:
+                log.warning("redis %s unavailable (%s); using local state", redact(self.url), type(e).__name__)
+            self.was_down = True
+            raise RedisUnavailable(str(e)) from None
+        self.breaker.ok()
+        if self.was_down:
+            self.was_down = False
+            log.info("redis %s is back", redact(self.url))
+            for cb in self.on_recover:
+                asyncio.get_running_loop().create_task(cb())
+        return r
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+_CONNS: dict[tuple[str, float], RedisConn] = {}
+
+
+def connection(url: str, timeout: float = 0.05) -> RedisConn:
+    """A shared connection per (URL, timeout): policies on the same Redis share one pool."""
+    key = (url, timeout)
+    c = _CONNS.get(key)
+    if c is None:
+        c = _CONNS[key] = RedisConn(url, timeout)
+    return c
+
+
