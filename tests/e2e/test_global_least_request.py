@@ -4,6 +4,7 @@ three simulated vLLM servers."""
 from __future__ import annotations
 
 import threading
+import urllib.error
 import time
 
 import pytest
@@ -143,3 +144,26 @@ def test_redis_restart_mid_traffic_fails_no_request(fresh):
     assert h.metric_value(m, "ai_lb_state_events_total", event="local_pick") > 0   # counted, not hidden
     assert h.metric_value(m, "ai_lb_decisions_total", outcome="picked") == res.total  # no native fallbacks
     wait_total(two, 0, timeout=5)                          # resynchronised, then drained to zero
+
+
+def test_max_request_count_answers_429_through_envoy(fresh):
+    two = fresh
+    g = two.gws[0]
+    cfg = h.write_ai_lb_config(g["dir"] / "ai-lb.yaml", g["grpc"], g["metrics"], {
+        "llm": {"lb_policy": "global_least_request", "lb_config": {"maxRequestCount": 1},
+                "endpoints": {"cluster": "llm_backends"}}}, envoy_admin_port=g["admin"], store=two.redis.url)
+    g["ai"] = h.start_ai_lb(g["dir"], cfg, g["grpc"], name="ai-lb-cap")
+    time.sleep(0.6)
+    held = h.LoadResult()
+    t = hold(two.url(0), 3, held)
+    wait_total(two, 3)
+    import urllib.request
+    req = urllib.request.Request(two.url(0), data=b'{"model":"sim-model","messages":[{"role":"user","content":"x"}]}',
+                                 headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req, timeout=5)
+    assert ei.value.code == 429
+    assert "maxRequestCount=1" in ei.value.read().decode()
+    t.join()
+    assert held.failed == 0
+    wait_total(two, 0)
