@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import Awaitable, Callable, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -101,15 +102,18 @@ class RedisConn:
             pass
 
 
-_CONNS: dict[tuple[str, float], RedisConn] = {}
+_CONNS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, float], RedisConn]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def connection(url: str, timeout: float = 0.05) -> RedisConn:
-    """A shared connection per (URL, timeout): policies on the same Redis share one pool."""
+    """A shared connection per (URL, timeout) and event loop: policies on the same Redis
+    share one pool (an asyncio client cannot outlive or cross its loop)."""
+    per_loop = _CONNS.setdefault(asyncio.get_running_loop(), {})
     key = (url, timeout)
-    c = _CONNS.get(key)
+    c = per_loop.get(key)
     if c is None:
-        c = _CONNS[key] = RedisConn(url, timeout)
+        c = per_loop[key] = RedisConn(url, timeout)
     return c
 
 

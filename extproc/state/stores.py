@@ -7,19 +7,27 @@ one Redis-backed store per Redis URL and timeout).
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+
 from .counts import GlobalCounts, MemoryCounts
 
-_MEMORY_COUNTS = MemoryCounts()
-_REDIS_COUNTS: dict[tuple[str, float], GlobalCounts] = {}
+# Per event loop: one process normally has one, but tests and benchmarks run several in
+# turn, and Redis clients (and the counts of requests they track) belong to one loop.
+_STORES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
 
 
 def counts_for(url: str, timeout: float = 0.05, lease_ttl: float = 10.0) -> GlobalCounts:
+    stores = _STORES.setdefault(asyncio.get_running_loop(), {})
     if url == "memory":
-        return _MEMORY_COUNTS
+        c = stores.get("memory")
+        if c is None:
+            c = stores["memory"] = MemoryCounts()
+        return c
     key = (url, timeout)
-    c = _REDIS_COUNTS.get(key)
+    c = stores.get(key)
     if c is None:
         from .redis_counts import RedisCounts
 
-        c = _REDIS_COUNTS[key] = RedisCounts(url, timeout=timeout, lease_ttl=lease_ttl, fallback=MemoryCounts())
+        c = stores[key] = RedisCounts(url, timeout=timeout, lease_ttl=lease_ttl, fallback=MemoryCounts())
     return c

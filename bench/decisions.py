@@ -1,0 +1,134 @@
+"""Decision latency per policy, memory store vs Redis, at 8, 64 and 512 endpoints.
+
+Times ``Processor.Process`` for one request (headers, plus a chat body for policies that
+read it) in-process, so it includes context, policy, counts store and answer, but not
+the HTTP/2 transport (see bench/overhead.py for that). Redis is a real redis-server on
+loopback, started here.
+
+    python bench/decisions.py [--seconds 1.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import grpc  # noqa: E402
+from envoy.config.core.v3 import base_pb2  # noqa: E402
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
+from google.protobuf import struct_pb2  # noqa: E402
+
+from extproc.config import build_config  # noqa: E402
+from extproc.endpoints import EndpointDirectory  # noqa: E402
+from extproc.policies import registry  # noqa: E402
+from extproc.processor import Processor  # noqa: E402
+from extproc.runtime import Runtime  # noqa: E402
+from extproc.state import MemoryInflight  # noqa: E402
+from extproc.telemetry import Telemetry  # noqa: E402
+
+POLICIES = {  # name -> lb_config
+    "round_robin": {},
+    "least_request": {},
+    "global_least_request": {},
+    "prefix_cache": {},
+    "endpoint_metrics": {"metric_policy": "least", "target_metric": "vllm:num_requests_waiting"},
+}
+
+
+def messages(i: int) -> bytes:
+    conv = [{"role": "system", "content": "You are a helpful assistant. " * 20}]
+    for t in range(3):
+        conv += [{"role": "user", "content": f"question {t} of user {i % 50}"}, {"role": "assistant", "content": "answer " * 30}]
+    conv.append({"role": "user", "content": f"final question {i}"})
+    return json.dumps({"model": "m", "messages": conv, "max_tokens": 16}).encode()
+
+
+def headers_msg(eos: bool) -> bytes:
+    h = pb.HttpHeaders(end_of_stream=eos)
+    for k, v in [(":method", "POST"), (":path", "/v1/chat/completions"), ("content-type", "application/json")]:
+        h.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
+    req = pb.ProcessingRequest(request_headers=h)
+    s = struct_pb2.Struct()
+    s.fields["xds.route_name"].string_value = "llm"
+    req.attributes["envoy.filters.http.ext_proc"].CopyFrom(s)
+    return req.SerializeToString()
+
+
+class Stream:
+    def __init__(self, msgs):
+        self.msgs = msgs
+
+    async def read(self):
+        return pb.ProcessingRequest.FromString(self.msgs.pop()) if self.msgs else grpc.aio.EOF
+
+    async def write(self, m):
+        m.SerializeToString()
+
+
+async def measure(policy: str, store: str, n_eps: int, seconds: float) -> list[float]:
+    eps = [f"10.{i // 250}.{i % 250}.1:8000" for i in range(n_eps)]
+    cfg = build_config({"store": store, "routes": {"llm": {"lb_policy": policy, "lb_config": POLICIES[policy],
+                                                            "endpoints": {"static": eps}}}})
+    tel = Telemetry()
+    infl = MemoryInflight()
+    rt = Runtime(EndpointDirectory(), infl)
+    await rt.apply(cfg)
+    pol = rt.routes["llm"].policy
+    needs_body = pol.needs_body
+    if policy == "endpoint_metrics" and hasattr(pol, "scraper"):
+        pass  # endpoints are unreachable here: the policy decides with what it knows (nothing)
+    p = Processor(rt, tel, infl)
+    hdr_eos, hdr = headers_msg(True), headers_msg(False)
+    bodies = [pb.ProcessingRequest(request_body=pb.HttpBody(body=messages(i), end_of_stream=True)).SerializeToString()
+              for i in range(200)]
+    lat = []
+    i = 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        msgs = [bodies[i % 200], hdr] if needs_body else [hdr_eos]
+        t0 = time.perf_counter()
+        await p.Process(None, Stream(msgs))
+        lat.append(time.perf_counter() - t0)
+        i += 1
+    await rt.close()
+    return lat
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=1.5)
+    a = ap.parse_args()
+    from redis_server import RedisServer
+
+    srv = RedisServer(Path(tempfile.mkdtemp())).start()
+    try:
+        print("| policy | store | endpoints | p50 (µs) | p99 (µs) | decisions/s |")
+        print("|---|---|---|---|---|---|")
+        for policy in POLICIES:
+            try:
+                registry.get(policy)
+            except KeyError:
+                print(f"| {policy} | - | - | not available | | |")
+                continue
+            for store in ("memory", srv.url):
+                for n in (8, 64, 512):
+                    lat = asyncio.run(measure(policy, store, n, a.seconds))
+                    q = statistics.quantiles(lat, n=100)
+                    print(f"| {policy} | {'redis' if store != 'memory' else 'memory'} | {n} | {q[49] * 1e6:.0f} | "
+                          f"{q[98] * 1e6:.0f} | {len(lat) / sum(lat):,.0f} |", flush=True)
+    finally:
+        srv.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
