@@ -153,6 +153,8 @@ def render_envoy(dst: Path, ports: EnvoyPorts, backends: Iterable[int], hc_inter
             if f["name"] == "envoy.filters.http.ext_proc":
                 f["typed_config"]["message_timeout"] = f"{message_timeout}s"
     for name, bports in (extra_backends_clusters or {}).items():
+        # A cluster of that name already in the reference config (llm_backends_b, ...) is replaced.
+        cfg["static_resources"]["clusters"] = [x for x in cfg["static_resources"]["clusters"] if x["name"] != name]
         c = copy.deepcopy(be)
         c["name"] = name
         c["load_assignment"]["cluster_name"] = name

@@ -24,8 +24,9 @@ def picks(policy, n, eps=EPS):
 
 
 def test_registry_has_the_builtins():
-    assert {"round_robin", "random", "least_request"} <= set(registry.names("endpoint"))
-    assert registry.names("cluster") == []
+    assert {"round_robin", "random", "least_request", "global_least_request"} <= set(registry.names("endpoint"))
+    assert "cluster_metrics" in registry.names("cluster")
+    assert "round_robin" not in registry.names("cluster")
 
 
 def test_round_robin_cycles_in_order():
