@@ -32,11 +32,21 @@ def load_plugin(module: str) -> None:
     importlib.import_module(module)
 
 
-def _load_builtins() -> None:
-    from . import least_request, random_pick, round_robin  # noqa: F401 - register on import
+# Built-in policies: one module each, exporting ``POLICY``. Adding one = a new module + a line here.
+BUILTIN = (
+    "round_robin",
+    "random_pick",
+    "least_request",
+    "endpoint_metrics",
+    "global_least_request",
+    "cluster_metrics",
+    "prefix_cache",
+)
 
-    for mod in (round_robin, random_pick, least_request):
-        register(mod.POLICY)
+
+def _load_builtins() -> None:
+    for mod in BUILTIN:
+        register(importlib.import_module(f"{__package__}.{mod}").POLICY)
 
 
 _load_builtins()

@@ -1,0 +1,377 @@
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from extproc.config import ConfigError, EndpointsConfig, RouteConfig, parse_config, policy_config
+from extproc.context import RequestContext
+from extproc.endpoints import Endpoint
+from extproc.policies import PolicyEnv, registry
+from extproc.policies.prefix_cache import PrefixCacheConfig, request_keys
+from extproc.state import MemoryInflight
+from extproc.state.prefix_index import MemoryPrefixIndex, RedisPrefixIndex
+from extproc.state.redis_conn import connection
+from redis_server import RedisServer
+
+EPS = [Endpoint("10.0.0.1:1"), Endpoint("10.0.0.2:1"), Endpoint("10.0.0.3:1")]
+A = [e.address for e in EPS]
+
+
+def keys(doc, route="r", cluster="c", **kw):
+    return request_keys(doc, route, cluster, **kw)
+
+
+def chat(*turns, model="m", system="sys"):
+    """messages: system, then user/assistant alternating (turns = user, assistant, user, ...)."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    for i, t in enumerate(turns):
+        msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+    return {"model": model, "messages": msgs}
+
+
+# -- keys ------------------------------------------------------------------------------
+def test_segments_close_at_each_user_message():
+    k1 = keys(chat("u1"))
+    k2 = keys(chat("u1", "a1", "u2"))
+    k3 = keys(chat("u1", "a1", "u2", "a2", "u3"))
+    assert len(k1) == 1 and len(k2) == 2 and len(k3) == 3
+    assert k3[:2] == k2 and k2[:1] == k1  # a continuation extends the chain
+    # a trailing assistant message (prefill) is a last, partial segment
+    k = keys(chat("u1", "a1"))
+    assert len(k) == 2 and k[0] == k1[0] and k[1] != k2[1]
+
+
+def test_chain_is_order_sensitive_and_equal_segments_do_not_cancel():
+    ab, ba = keys(chat("a", "x", "b", system=None)), keys(chat("b", "x", "a", system=None))
+    assert ab[1] != ba[1]
+    xx, yy = keys(chat("x", "r", "x", system=None)), keys(chat("y", "r", "y", system=None))
+    assert xx[1] != yy[1]  # XOR chaining would make both cancel to the same value
+    assert xx[0] != xx[1]
+    assert len(set(ab + ba + xx + yy)) == 8
+
+
+def test_keys_are_namespaced_by_route_cluster_model_and_kind():
+    base = keys(chat("u"))
+    assert keys(chat("u", model="other")) != base
+    assert keys(chat("u"), route="r2") != base
+    assert keys(chat("u"), cluster="c2") != base
+    assert keys(chat("u", system="other")) != base
+    assert keys({"model": "m", "prompt": "user:u"}) != base
+
+
+def test_content_as_list_of_parts():
+    s = keys({"model": "m", "messages": [{"role": "user", "content": "hello world"}]})
+    parts = keys({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hello world"}]}]})
+    assert parts == s  # text parts hash like the equivalent string
+    img = lambda u: keys({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hello world"}, {"type": "image_url", "image_url": {"url": u}}]}]})
+    assert img("http://a/1.png") != s
+    assert img("http://a/1.png") == img("http://a/1.png")
+    assert img("http://a/1.png") != img("http://a/2.png")
+
+
+def test_tool_call_messages_without_content_are_keyed():
+    def conv(fn):
+        return keys({"model": "m", "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {"name": fn, "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "1", "content": "sunny"},
+            {"role": "user", "content": "thanks"}]})
+    a, b = conv("get_weather"), conv("get_time")
+    assert len(a) == 2 and a[0] == b[0] and a[1] != b[1]
+    c = keys({"model": "m", "messages": [{"role": "user", "content": "weather?"},
+                                         {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]})
+    assert len(c) == 2
+
+
+def test_completions_prompt_chunks():
+    p = "x" * 300 + "y" * 300
+    k = keys({"model": "m", "prompt": p})
+    assert len(k) == 3
+    longer = keys({"model": "m", "prompt": p + "z" * 100})
+    assert longer[:2] == k[:2] and longer[2] != k[2]
+    assert keys({"model": "m", "prompt": [p, "other"]}) == k  # a batch routes by its first prompt
+    assert len(keys({"model": "m", "prompt": p}, chunk_chars=100)) == 6
+    assert len(keys({"model": "m", "prompt": p}, max_depth=2)) == 2
+    toks = keys({"model": "m", "prompt": list(range(200))})
+    assert len(toks) == 4 and toks != keys({"model": "m", "prompt": list(range(1, 201))})
+    assert keys({"model": "m"}) == [] and keys({"model": "m", "prompt": 3}) == []
+
+
+def test_huge_prompt_is_fast_and_bounded():
+    import time
+    t0 = time.perf_counter()
+    k = keys({"model": "m", "prompt": "a" * 2_000_000})
+    assert len(k) == 1000 and time.perf_counter() - t0 < 2.0
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": "q" * 1000} for i in range(2000)]
+    assert len(keys({"model": "m", "messages": msgs}, max_depth=50)) == 50
+
+
+# -- memory index ----------------------------------------------------------------------
+def test_memory_index_ttl_refresh_and_lru():
+    now = [0.0]
+    idx = MemoryPrefixIndex(max_entries=3, clock=lambda: now[0])
+    idx.record_now("t", ["k1", "k2"], "h", ttl=10)
+    now[0] = 8
+    assert idx.match_now("t", ["k1", "k2"], ["h"], ttl=10) == (2, "h")  # refreshed to 18
+    now[0] = 16
+    assert idx.match_now("t", ["k1"], ["h"], ttl=10) == (1, "h")  # k1 -> 26; k2 still 18
+    now[0] = 20
+    assert idx.match_now("t", ["k1", "k2"], ["h"], ttl=10) == (1, "h")  # k2 expired
+    assert idx.match_now("u", ["k1"], ["h"], ttl=10) == (0, None)  # other namespace
+    idx.record_now("t", ["a", "b", "c"], "h", ttl=100)
+    assert len(idx) == 3 and idx.get("t", "k1") is None  # least recently used evicted
+
+
+# -- the policy --------------------------------------------------------------------------
+def make(store="memory", route=None, cluster="llm", **lb):
+    route = route or f"r-{uuid.uuid4().hex[:8]}"
+    cls = registry.get("prefix_cache")
+    rc = RouteConfig(name=route, lb_policy="prefix_cache", lb_config=lb, endpoints=EndpointsConfig(cluster=cluster))
+    return cls(policy_config(cls.Config, lb), PolicyEnv(route=rc, inflight=MemoryInflight(), store_url=store))
+
+
+def req(p, doc):
+    ctx = RequestContext(p.env.route.name, {":path": "/v1/chat/completions"})
+    ctx.body = json.dumps(doc).encode()
+    return ctx
+
+
+async def pick(p, doc, eps=EPS, done=True):
+    ctx = req(p, doc)
+    e = await p.pick(ctx, eps)
+    if done:
+        p.on_done(ctx)
+    return e.address
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request, tmp_path):
+    if request.param == "memory":
+        yield "memory"
+        return
+    srv = RedisServer(tmp_path).start()
+    yield srv.url
+    srv.kill()
+
+
+def test_config_accepts_higress_fields():
+    c = policy_config(PrefixCacheConfig, {"serviceFQDN": "redis.svc", "servicePort": "6380", "username": "u",
+                                          "password": "p@ss", "timeout": 20, "database": 2, "redisKeyTTL": 60})
+    assert c.timeout == 20.0 and c.redisKeyTTL == 60 and c.servicePort == 6380
+    p = make(**{"serviceFQDN": "redis.svc", "servicePort": 6380, "password": "p@ss", "database": 2})
+    assert p.store_url == "redis://:p%40ss@redis.svc:6380/2"
+    assert make().store_url == "memory" and make().config.redisKeyTTL == 1800 and make().timeout_s == 0.05
+    with pytest.raises(ConfigError) as ei:
+        parse_config("routes:\n  llm:\n    lb_policy: prefix_cache\n    endpoints: {static: ['1.2.3.4:1']}\n"
+                     "    lb_config: {redisKeyTTL: 0, chunk_chars: -1, bogus: 1}\n")
+    text = str(ei.value)
+    assert "redisKeyTTL" in text and "chunk_chars" in text and "bogus" in text
+
+
+def test_conversation_sticks_and_counts_are_balanced(store):
+    async def go():
+        p = make(store)
+        await p.start()
+        try:
+            first = await pick(p, chat("hi"))
+            turns = ["hi"]
+            for i in range(4):
+                turns += [f"answer {i}", f"question {i}"]
+                assert await pick(p, chat(*turns)) == first
+            assert p.stats["hit"] == 4 and p.stats["miss"] == 1
+            if p.index is not p.local:
+                assert p.stats["index_fallback"] == 0
+            await asyncio.sleep(0.05)  # RedisCounts.release decrements in a task
+            assert await p.counts.counts(p.pool, A) == {a: 0 for a in A}  # every incr got its decr
+        finally:
+            await p.close()
+    asyncio.run(go())
+
+
+def test_no_match_goes_to_least_loaded_and_is_counted(store):
+    async def go():
+        p = make(store)
+        await p.start()
+        try:
+            for a, n in ((A[0], 2), (A[1], 1)):
+                for _ in range(n):
+                    await p.counts.incr(p.pool, a)
+            ctx = req(p, chat("fresh conversation"))
+            e = await p.pick(ctx, EPS)
+            assert e.address == A[2]
+            assert (await p.counts.counts(p.pool, A))[A[2]] == 1
+            p.on_done(ctx)
+            p.on_done(ctx)  # a second call must not count down twice
+            await asyncio.sleep(0.05)
+            assert (await p.counts.counts(p.pool, A)) == {A[0]: 2, A[1]: 1, A[2]: 0}
+            # the prefix now sticks to A[2] even though it is no longer the least loaded
+            for _ in range(3):
+                await p.counts.incr(p.pool, A[2])
+            assert await pick(p, chat("fresh conversation", "a", "more")) == A[2]
+        finally:
+            await p.close()
+    asyncio.run(go())
+
+
+def test_deepest_healthy_match_wins_and_stale_is_overwritten(store):
+    async def go():
+        p = make(store)
+        await p.start()
+        try:
+            doc = chat("u1", "a1", "u2", "a2", "u3")
+            k = keys(doc, route=p.env.route.name, cluster="llm")
+            await p.index.record(p.pool, k[:1], A[0], 1800)
+            await p.index.record(p.pool, k[1:2], A[1], 1800)
+            assert await pick(p, doc) == A[1]  # depth 2 beats depth 1
+            assert await p.index.match(p.pool, k, A, 1800) == (3, A[1])  # depth 3 written with it
+            # A[1] goes down: the walk stops at depth 1 (A[0]); depths 2..3 are rewritten.
+            # A[0] is the busier one, so only the prefix match can send it there.
+            await p.counts.incr(p.pool, A[0])
+            await p.counts.incr(p.pool, A[0])
+            assert await pick(p, doc, eps=[EPS[0], EPS[2]]) == A[0]
+            await p.counts.decr(p.pool, A[0])
+            await p.counts.decr(p.pool, A[0])
+            assert await p.index.match(p.pool, k, A, 1800) == (3, A[0])
+            # A[1] back: the conversation stays where it moved
+            assert await pick(p, doc) == A[0]
+            # A[0] down too: no healthy match, least loaded among what is left; all rewritten
+            assert await pick(p, doc, eps=[EPS[2]]) == A[2]
+            assert await p.index.match(p.pool, k, A, 1800) == (3, A[2])
+            assert await pick(p, chat("u1", "a1", "u2", "a2", "u3", "a3", "u4")) == A[2]
+        finally:
+            await p.close()
+    asyncio.run(go())
+
+
+def test_routes_and_models_do_not_share_prefixes():
+    async def go():
+        p = make()
+        await p.start()
+        first = await pick(p, chat("shared", model="m1"))
+        # same route, other model: no match, so it goes to the least loaded (any, idle)
+        ctx = req(p, chat("shared", model="m2"))
+        await p.pick(ctx, EPS)
+        p.on_done(ctx)
+        assert p.stats == {"hit": 0, "miss": 2, "index_fallback": 0}
+        await pick(p, chat("shared", model="m1"))
+        assert p.stats["hit"] == 1
+        q = make()  # another route on the same memory store
+        await q.start()
+        await pick(q, chat("shared", model="m1"))
+        assert q.stats["hit"] == 0
+        assert first in A
+    asyncio.run(go())
+
+
+def test_completions_and_tool_calls_route_by_prefix():
+    async def go():
+        p = make(chunk_chars=64)
+        await p.start()
+        doc = {"model": "m", "prompt": "The quick brown fox. " * 20}
+        first = await pick(p, doc)
+        for i in range(3):
+            doc = {"model": "m", "prompt": doc["prompt"] + f" more {i} " * 10}
+            assert await pick(p, doc) == first
+        msgs = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "w", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "1", "content": "sunny"}, {"role": "user", "content": "thanks"}]
+        t = await pick(p, {"model": "m", "messages": msgs})
+        msgs += [{"role": "assistant", "content": "welcome"}, {"role": "user", "content": "bye"}]
+        assert await pick(p, {"model": "m", "messages": msgs}) == t
+        assert p.stats["hit"] == 4
+    asyncio.run(go())
+
+
+def test_bad_body_falls_back_with_its_reason():
+    from extproc.context import BodyError
+
+    async def go():
+        p = make()
+        await p.start()
+        ctx = RequestContext("r", {})
+        ctx.body = b"not json"
+        with pytest.raises(BodyError):
+            await p.pick(ctx, EPS)
+        # a body with nothing to key on is still routed (least loaded) and counted
+        assert await pick(p, {"model": "m", "input": "x"}) in A
+    asyncio.run(go())
+
+
+# -- Redis ---------------------------------------------------------------------------------
+def test_redis_keys_share_one_slot_and_ttl_is_refreshed(tmp_path):
+    srv = RedisServer(tmp_path).start()
+
+    async def go():
+        p = make(srv.url, route="llm{x}", redisKeyTTL=100)
+        await p.start()
+        try:
+            r = connection(srv.url, 0.05).client
+            doc = chat("u1", "a1", "u2")
+            await pick(p, doc)
+            ks = sorted(x.decode() for x in await r.keys("ai-lb:pc:*"))
+            assert len(ks) == 2
+            tags = {k[k.index("{"):k.index("}") + 1] for k in ks}
+            assert tags == {"{llm(x)|llm}"}  # one hash tag: one Redis Cluster slot
+            for k in ks:
+                assert 90 < await r.ttl(k) <= 100
+                await r.expire(k, 5)
+            await pick(p, doc)  # a match refreshes the TTL of the matched keys
+            for k in ks:
+                assert await r.ttl(k) > 90
+            vals = {(await r.get(k)).decode() for k in ks}
+            assert len(vals) == 1 and vals <= set(A)
+        finally:
+            await p.close()
+    try:
+        asyncio.run(go())
+    finally:
+        srv.kill()
+
+
+def test_redis_down_uses_local_index_and_never_fails(tmp_path):
+    srv = RedisServer(tmp_path).start()
+
+    async def go():
+        p = make(srv.url, timeout=30)
+        await p.start()
+        try:
+            first = await pick(p, chat("hello"))
+            srv.kill()
+            # Redis gone: decisions use the local (write-through) index, within the bound
+            import time
+            t0 = time.perf_counter()
+            assert await pick(p, chat("hello", "a", "again")) == first
+            assert time.perf_counter() - t0 < 1.0
+            assert p.stats["index_fallback"] >= 1
+            assert await pick(p, chat("hello", "a", "again", "b", "more")) == first
+        finally:
+            await p.close()
+    try:
+        asyncio.run(go())
+    finally:
+        srv.kill()
+
+
+def test_two_instances_share_prefixes_through_redis(tmp_path):
+    srv = RedisServer(tmp_path).start()
+
+    async def go():
+        p = make(srv.url, route="shared")
+        q = make(srv.url, route="shared")
+        await p.start()
+        await q.start()
+        q.local = MemoryPrefixIndex()  # a separate process would not see p's local index
+        try:
+            a = await pick(p, chat("conversation 1"))
+            assert await pick(q, chat("conversation 1", "x", "y")) == a
+            assert q.stats["hit"] == 1
+            assert isinstance(q.index, RedisPrefixIndex)
+        finally:
+            await p.close()
+            await q.close()
+    try:
+        asyncio.run(go())
+    finally:
+        srv.kill()
