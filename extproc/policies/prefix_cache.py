@@ -18,7 +18,6 @@ Higress's ``prefix_cache`` done properly (see docs/policies/prefix_cache.md):
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import random
@@ -204,15 +203,12 @@ class PrefixCache(Policy):
         self.index: PrefixIndex = self.local
         self.counts: Any = None
         self.stats = {"hit": 0, "miss": 0, "index_fallback": 0}
-        self._tasks: set[asyncio.Task] = set()
         self._counts_started = False
 
     async def start(self) -> None:
         self.counts = counts_for(self.store_url, self.timeout_s)
-        start = getattr(self.counts, "start", None)
-        if start is not None:  # RedisCounts: lease heartbeat, shared by its users
-            await start()
-            self._counts_started = True
+        await self.counts.start()  # RedisCounts: the lease heartbeat, shared by its users
+        self._counts_started = True
         if self.store_url != "memory":
             self.index = RedisPrefixIndex(connection(self.store_url, self.timeout_s))
 
@@ -220,11 +216,6 @@ class PrefixCache(Policy):
         if self._counts_started:
             self._counts_started = False
             await self.counts.stop()
-        for t in list(self._tasks):
-            try:
-                await asyncio.wait_for(t, 1.0)
-            except Exception:  # noqa: BLE001
-                pass
 
     async def pick(self, ctx, candidates: Sequence[Endpoint]) -> Decision:
         if not candidates:
@@ -280,23 +271,9 @@ class PrefixCache(Policy):
 
     def on_done(self, ctx) -> None:
         st = ctx.policy_state
-        if not st:
-            return
-        ctx.policy_state = None
-        pool, host = st
-        now = getattr(self.counts, "release", None) or getattr(self.counts, "decr_now", None)
-        if now is not None:  # synchronous forms (RedisCounts.release, MemoryCounts.decr_now)
-            now(pool, host)
-            return
-        t = asyncio.get_running_loop().create_task(self._decr(pool, host))
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
-    async def _decr(self, pool: str, host: str) -> None:
-        try:
-            await self.counts.decr(pool, host)
-        except Exception as e:  # noqa: BLE001
-            log.warning("prefix_cache %s: decrement failed: %r", pool, e)
+        if st:
+            ctx.policy_state = None
+            self.counts.release(*st)  # exactly once; local now, Redis right after
 
 
 POLICY = PrefixCache
