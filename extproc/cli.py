@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         from vllmsim.cli import main as sim_main
 
         return sim_main(argv[1:])
+    if argv and argv[0] == "bench":  # the benchmark harness, likewise
+        from aibench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     p = argparse.ArgumentParser(prog="ai-lb", description="LLM-aware load balancing for Envoy (ext_proc).")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the ext_proc server")
@@ -27,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--backends", type=int, default=3, help="number of simulated vLLM servers")
     d.add_argument("--time-scale", type=float, default=0.05, help="simulator wall seconds per simulated second")
     sub.add_parser("sim", help="run the vLLM simulator (see `ai-lb sim --help`)")
+    sub.add_parser("bench", help="benchmark ai-lb against other routers (see `ai-lb bench --help`)")
     a = p.parse_args(argv)
 
     if a.cmd == "check-config":
