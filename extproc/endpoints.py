@@ -67,6 +67,7 @@ class EndpointDirectory:
         self._clusters: dict[str, tuple[Endpoint, ...]] = {}
         self._cache: dict[EndpointsConfig, tuple[Endpoint, ...]] = {}
         self.discovered_once = False
+        self.version = 0  # bumped on every change, so callers can cache per version
 
     def update_clusters(self, clusters: dict[str, tuple[Endpoint, ...]]) -> bool:
         self.discovered_once = True
@@ -74,6 +75,7 @@ class EndpointDirectory:
             return False
         self._clusters = clusters
         self._cache.clear()
+        self.version += 1
         return True
 
     def candidates(self, cfg: EndpointsConfig) -> tuple[Endpoint, ...]:

@@ -116,7 +116,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
     async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str) -> pb.ProcessingResponse:
         t0 = _perf()
         policy = rt.policy
-        candidates = self.runtime.directory.candidates(rt.endpoints) if rt.by_endpoint else ()
+        candidates = rt.candidates(self.runtime.directory)
         if not candidates and rt.by_endpoint:
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
             return self.answers.passthrough(phase, rt.mode if phase == "headers" else None)

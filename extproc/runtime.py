@@ -24,7 +24,8 @@ CATCH_ALL = "*"
 class RouteRuntime:
     """One route's compiled config; read on every request, so plain attributes only."""
 
-    __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "mode", "endpoints", "by_endpoint")
+    __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "mode", "endpoints", "by_endpoint",
+                 "_cand", "_cand_version")
 
     def __init__(self, config: RouteConfig, policy: Policy | None) -> None:
         self.name = config.name
@@ -37,6 +38,15 @@ class RouteRuntime:
         self.needs_body = bool(policy and policy.needs_body)
         self.mode: PM | None = processing_mode(policy.needs_body, policy.needs_response_headers,
                                                policy.needs_response_body) if policy else None
+        self._cand: tuple = ()
+        self._cand_version = -1
+
+    def candidates(self, directory: EndpointDirectory) -> tuple:
+        """Healthy endpoints, re-resolved only when discovery changed something."""
+        if self._cand_version != directory.version:
+            self._cand = directory.candidates(self.endpoints) if self.by_endpoint else ()
+            self._cand_version = directory.version
+        return self._cand
 
 
 class Runtime:

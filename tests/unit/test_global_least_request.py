@@ -64,7 +64,7 @@ def redis_srv(tmp_path):
     r.kill()
 
 
-def counts(url, inst, lease=10.0, timeout=0.2):
+def counts(url, inst, lease=10.0, timeout=1.0):
     return RedisCounts(url, timeout=timeout, lease_ttl=lease, instance=inst, conn=RedisConn(url, timeout, cooldown=0.3))
 
 
