@@ -300,13 +300,13 @@ def ensure_router_venv(timeout: float = 900.0) -> Path:
     venv = router_venv()
     if (venv / _OK_MARKER).exists():
         return venv
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = venv.parent / (venv.name + ".lock")
+    venv.mkdir(parents=True, exist_ok=True)  # lock and log live inside it: nothing else to clean up
+    lock_path = venv / ".aibench-install.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (venv / _OK_MARKER).exists():
             return venv
-        log = venv.parent / (venv.name + "-install.log")
+        log = venv / "aibench-install.log"
         deadline = time.monotonic() + timeout
         with open(log, "wb") as out:
             steps = []
@@ -340,6 +340,7 @@ class _RustRouter(_Base):
         self.name = name or f"{self.proc_name}-{policy.replace('_', '-')}"
         self.port = 0
         self.command: list[str] = []
+        self._exe_path = Path()
 
     def executable(self) -> Path:
         venv = router_venv()
@@ -365,6 +366,18 @@ class _RustRouter(_Base):
         return code == 200
 
     def _start(self, backends: Backends) -> str:
+        # vllm-router marks every worker healthy at start (its first health check runs a minute
+        # later) and serves with a dead one; so check the backends ourselves first.
+        down: list[str] = []
+
+        def all_up() -> bool:
+            down[:] = [a for a in backends.addresses if _http_ok(f"http://{a}/health")[0] != 200]
+            return not down
+
+        try:
+            self._wait(all_up, "every backend to answer GET /health with 200")
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; not answering: {', '.join(down)}") from None
         self.port, metrics_port = ds.free_ports(2)
         workers = [f"http://{a}" for a in backends.addresses]
         self.command = self.argv(self._exe_path, self.port, metrics_port, workers) + self.extra_args
