@@ -124,7 +124,7 @@ def run_one(spec: str, load: float, rate_conv: float, args, sim: SimBackends | N
             out: Path, store: str) -> dict:
     w = workloads.make(args.workload, args.seed, args.duration, rate_conv)
     entry = {"system": spec, "load": load, "offered_rps": rate_conv * (w.requests / max(len(w.conversations), 1)),
-             "status": "ok"}
+             "planned_requests": w.requests, "status": "ok"}
     backends = user_backends or sim.start()
     system = None
     try:

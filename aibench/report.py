@@ -16,7 +16,7 @@ def markdown(run: dict) -> str:
              f"duration {meta['duration_s']:.0f} s)", ""]
     if meta.get("capacity_rps"):
         lines.append(f"Measured capacity: {meta['capacity_rps']:.1f} req/s. ")
-    lines += ["", "| system | load | status | ok / sent | TTFT p50 / p90 (ms) | ITL p50 (ms) | E2E p50 / p90 (ms) | "
+    lines += ["", "| system | load | status | ok / sent (planned) | TTFT p50 / p90 (ms) | ITL p50 (ms) | E2E p50 / p90 (ms) | "
               "req/s | out tok/s | prefix hit rate | CPU (cores) | machine |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in run["results"]:
@@ -28,7 +28,7 @@ def markdown(run: dict) -> str:
         cpu = ", ".join(f"{k} {v['cores']:.2f}" for k, v in r["cpu"]["components"].items())
         hit = r.get("prefix_hit_rate")
         sat = "**saturated**" if r["cpu"].get("saturated") else f"{(r['cpu'].get('machine_busy_mean') or 0) * 100:.0f}% busy"
-        lines.append(f"| {r['system']} | {r['load']:.2f} | ok | {s['ok']} / {s['requests']} | "
+        lines.append(f"| {r['system']} | {r['load']:.2f} | ok | {s['ok']} / {s['requests']} ({r.get('planned_requests', '-')}) | "
                      f"{_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p90_s'])} | {_ms(s['itl_p50_s'])} | "
                      f"{_ms(s['e2e_p50_s'])} / {_ms(s['e2e_p90_s'])} | {s['throughput_rps']:.2f} | "
                      f"{s['output_tokens_per_s']:.0f} | {'-' if hit is None else f'{hit:.1%}'} | {cpu} | {sat} |")
