@@ -24,6 +24,9 @@ from .systems_api import Backends
 DEFAULT_SYSTEMS = ("envoy-rr,envoy-lr,ai-lb:round_robin,ai-lb:global_least_request,ai-lb:prefix_cache,"
                    "ai-lb:endpoint_metrics,sglang-router,vllm-router,oracle")
 AI_LB_CONFIG = {"endpoint_metrics": {"metric_policy": "default"}}
+# Simulator flags a workload needs whatever the user passes: instant backends for the
+# gateway-overhead workload, a long context window (Llama-3.1's 128k) for 200 KB prompts.
+WORKLOAD_SIM_ARGS = {"overhead": ["--time-scale", "0.001"], "long-prompt": ["--max-model-len", "131072"]}
 
 
 def make_system(spec: str, store: str):
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ai-lb-bench-"))
     specs = [s.strip() for s in a.systems.split(",") if s.strip()]
     user = Backends([u.strip() for u in a.backend_urls.split(",") if u.strip()], a.model) if a.backend_urls else None
-    sim = None if user else SimBackends(a.backends, work, a.sim_args.split())
+    sim = None if user else SimBackends(a.backends, work, a.sim_args.split() + WORKLOAD_SIM_ARGS.get(a.workload, []))
     meta = {"workload": a.workload, "seed": a.seed, "duration_s": a.duration, "systems": specs,
             "backends": len(user.addresses) if user else a.backends, "sim_args": a.sim_args, "store": a.store,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}

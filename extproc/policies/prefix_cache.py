@@ -50,6 +50,11 @@ class PrefixCacheConfig:
     redisKeyTTL: int = 1800  # seconds
     # ours
     chunk_chars: int = 256  # /v1/completions prompt chunk size
+    # A prefix match is ignored (least loaded wins) when its endpoint has more than
+    # balance_abs_threshold requests in flight above the least loaded one AND more than
+    # balance_rel_threshold times as many: affinity must not pile a hot prefix onto one server.
+    balance_abs_threshold: int = 8
+    balance_rel_threshold: float = 1.5
     max_depth: int = 1000  # at most this many chained keys per request
     max_local_entries: int = 100_000  # memory index bound (LRU)
 
@@ -69,6 +74,10 @@ class PrefixCacheConfig:
             out.append(("chunk_chars", "must be > 0"))
         if self.max_depth <= 0:
             out.append(("max_depth", "must be > 0"))
+        if self.balance_abs_threshold < 0:
+            out.append(("balance_abs_threshold", "must be >= 0"))
+        if self.balance_rel_threshold < 1:
+            out.append(("balance_rel_threshold", "must be >= 1"))
         if self.max_local_entries <= 0:
             out.append(("max_local_entries", "must be > 0"))
         return out
@@ -112,15 +121,25 @@ def _feed_message(h: Any, m: Any) -> None:
     h.update(b"E")
 
 
+_SYSTEM_ROLES = ("system", "developer")
+
+
 def chat_keys(seed: bytes, messages: Sequence[Any], max_depth: int) -> list[str]:
     keys: list[str] = []
     prev = seed
     h = blake2b(prev, digest_size=_DIGEST)
     pending = False
-    for m in messages:
+    n = len(messages)
+    for i, m in enumerate(messages):
         _feed_message(h, m)
         pending = True
-        if isinstance(m, dict) and m.get("role") == "user":
+        is_user = isinstance(m, dict) and m.get("role") == "user"
+        # Besides Higress's boundary at each user message, the leading system prompt is a
+        # segment of its own: conversations that share a system prompt (but not their
+        # first question) then share a key, and so the endpoint that caches that prompt.
+        ends_system = (not keys and i + 1 < n and isinstance(m, dict) and m.get("role") in _SYSTEM_ROLES
+                       and not (isinstance(messages[i + 1], dict) and messages[i + 1].get("role") in _SYSTEM_ROLES))
+        if is_user or ends_system:
             prev = h.digest()
             keys.append(prev.hex())
             if len(keys) >= max_depth:
@@ -202,7 +221,7 @@ class PrefixCache(Policy):
         self.local = _SHARED_LOCAL.setdefault(c.max_local_entries, MemoryPrefixIndex(c.max_local_entries))
         self.index: PrefixIndex = self.local
         self.counts: Any = None
-        self.stats = {"hit": 0, "miss": 0, "index_fallback": 0}
+        self.stats = {"hit": 0, "miss": 0, "index_fallback": 0, "imbalanced": 0}
         self._counts_started = False
 
     async def start(self) -> None:
@@ -239,6 +258,9 @@ class PrefixCache(Policy):
                     depth, host = self.local.match_now(self.pool, keys, healthy, self.ttl)
         if host is None or host not in by_addr:
             depth, host = 0, None
+        elif len(healthy) > 1 and await self._overloaded(host, healthy):
+            self.stats["imbalanced"] += 1
+            depth, host = 0, None  # keys are re-recorded below with the less loaded endpoint
 
         counted = True
         try:
@@ -268,6 +290,15 @@ class PrefixCache(Policy):
             # write-through, so a Redis outage keeps this instance's affinity
             self.local.record_now(self.pool, keys, host, self.ttl)
         return by_addr[host]
+
+    async def _overloaded(self, host: str, healthy: list[str]) -> bool:
+        try:
+            counts = await self.counts.counts(self.pool, healthy)
+        except Exception:  # noqa: BLE001 - no load view: keep the affinity
+            return False
+        mine, low = counts.get(host, 0), min(counts.values())
+        c = self.config
+        return mine - low > c.balance_abs_threshold and mine > c.balance_rel_threshold * low
 
     def on_done(self, ctx) -> None:
         st = ctx.policy_state

@@ -19,10 +19,10 @@ SYSTEM = "You are a helpful assistant. " * 20
 
 
 def route(**lb) -> dict:
-    r = {"llm": {"lb_policy": "prefix_cache", "endpoints": {"cluster": "llm_backends"}}}
-    if lb:
-        r["llm"]["lb_config"] = lb
-    return r
+    # Every conversation here shares one system prompt, so its key alone would send them
+    # all to one endpoint; a low balance threshold makes concurrent first turns spread.
+    lb = {"balance_abs_threshold": 1, **lb}
+    return {"llm": {"lb_policy": "prefix_cache", "endpoints": {"cluster": "llm_backends"}, "lb_config": lb}}
 
 
 class Conversation:

@@ -22,7 +22,7 @@ def keys(doc, route="r", cluster="c", **kw):
     return request_keys(doc, route, cluster, **kw)
 
 
-def chat(*turns, model="m", system="sys"):
+def chat(*turns, model="m", system=None):
     """messages: system, then user/assistant alternating (turns = user, assistant, user, ...)."""
     msgs = [{"role": "system", "content": system}] if system else []
     for i, t in enumerate(turns):
@@ -40,6 +40,20 @@ def test_segments_close_at_each_user_message():
     # a trailing assistant message (prefill) is a last, partial segment
     k = keys(chat("u1", "a1"))
     assert len(k) == 2 and k[0] == k1[0] and k[1] != k2[1]
+
+
+def test_a_leading_system_prompt_is_a_segment_of_its_own():
+    a = keys(chat("question one", system="shared system prompt"))
+    b = keys(chat("another question", "ans", "more", system="shared system prompt"))
+    c = keys(chat("question one", system="other system prompt"))
+    assert len(a) == 2 and len(b) == 3
+    assert a[0] == b[0] != c[0]          # same system prompt -> same first key
+    assert a[1] != b[1] and a[1] != c[1]
+    # consecutive system/developer messages form one segment; a lone system prompt is one key
+    two = {"model": "m", "messages": [{"role": "system", "content": "s1"}, {"role": "developer", "content": "s2"},
+                                      {"role": "user", "content": "u"}]}
+    assert len(keys(two)) == 2
+    assert len(keys({"model": "m", "messages": [{"role": "system", "content": "s"}]})) == 1
 
 
 def test_chain_is_order_sensitive_and_equal_segments_do_not_cancel():
@@ -254,7 +268,7 @@ def test_routes_and_models_do_not_share_prefixes():
         ctx = req(p, chat("shared", model="m2"))
         await p.pick(ctx, EPS)
         p.on_done(ctx)
-        assert p.stats == {"hit": 0, "miss": 2, "index_fallback": 0}
+        assert (p.stats["hit"], p.stats["miss"], p.stats["index_fallback"]) == (0, 2, 0)
         await pick(p, chat("shared", model="m1"))
         assert p.stats["hit"] == 1
         q = make()  # another route on the same memory store
@@ -262,6 +276,23 @@ def test_routes_and_models_do_not_share_prefixes():
         await pick(q, chat("shared", model="m1"))
         assert q.stats["hit"] == 0
         assert first in A
+    asyncio.run(go())
+
+
+def test_affinity_yields_when_its_endpoint_is_overloaded():
+    async def go():
+        p = make(balance_abs_threshold=2, balance_rel_threshold=1.5)
+        await p.start()
+        home = await pick(p, chat("hot prefix"))
+        held = [req(p, chat("hot prefix", "a", f"turn {i}")) for i in range(3)]
+        for ctx in held:                    # three in flight on the prefix's endpoint
+            assert (await p.pick(ctx, EPS)).address == home
+        elsewhere = await pick(p, chat("hot prefix", "a", "one more"))
+        assert elsewhere != home and p.stats["imbalanced"] == 1
+        for ctx in held:
+            p.on_done(ctx)
+        assert await pick(p, chat("hot prefix", "a", "later")) in (home, elsewhere)  # affinity again
+        assert p.stats["imbalanced"] == 1
     asyncio.run(go())
 
 
