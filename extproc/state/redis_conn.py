@@ -63,14 +63,13 @@ class RedisConn:
     """One client per Redis URL; ``call`` applies the time bound and the breaker."""
 
     def __init__(self, url: str, timeout: float = 0.05, cooldown: float = 1.0) -> None:
-        import redis.asyncio as aioredis
+        from .resp import RespClient
 
         self.url = url
         self.timeout = timeout
         self.breaker = Breaker(cooldown)
-        self.client = aioredis.Redis.from_url(url, socket_timeout=max(timeout, 0.01),
-                                              socket_connect_timeout=max(timeout, 0.01),
-                                              health_check_interval=0, retry_on_timeout=False)
+        # Connecting may take longer than one call's bound; the call still gives up in time.
+        self.client = RespClient.from_url(url, connect_timeout=max(timeout, 0.5))
         self.was_down = False
         self.on_recover: list[Callable[[], Awaitable[None]]] = []
 
@@ -78,7 +77,8 @@ class RedisConn:
         if not self.breaker.allow():
             raise RedisUnavailable("breaker open")
         try:
-            r = await asyncio.wait_for(fn(), self.timeout)
+            async with asyncio.timeout(self.timeout):  # no extra task, unlike wait_for
+                r = await fn()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - timeouts, connection errors, script errors

@@ -11,7 +11,6 @@ from extproc.policies import PolicyEnv, registry
 from extproc.policies.prefix_cache import PrefixCacheConfig, request_keys
 from extproc.state import MemoryInflight
 from extproc.state.prefix_index import MemoryPrefixIndex, RedisPrefixIndex
-from extproc.state.redis_conn import connection
 from redis_server import RedisServer
 
 EPS = [Endpoint("10.0.0.1:1"), Endpoint("10.0.0.2:1"), Endpoint("10.0.0.3:1")]
@@ -338,7 +337,9 @@ def test_redis_keys_share_one_slot_and_ttl_is_refreshed(tmp_path):
         p = make(srv.url, route="llm{x}", redisKeyTTL=100)
         await p.start()
         try:
-            r = connection(srv.url, 0.05).client
+            import redis.asyncio as aioredis
+
+            r = aioredis.Redis.from_url(srv.url)  # an independent client to inspect the keys
             doc = chat("u1", "a1", "u2")
             await pick(p, doc)
             ks = sorted(x.decode() for x in await r.keys("ai-lb:pc:*"))
