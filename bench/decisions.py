@@ -40,7 +40,7 @@ POLICIES = {  # name -> lb_config
     "least_request": {},
     "global_least_request": {},
     "prefix_cache": {},
-    "endpoint_metrics": {"metric_policy": "least", "target_metric": "vllm:num_requests_waiting"},
+    "endpoint_metrics": {"metric_policy": "default"},
 }
 
 
@@ -84,8 +84,15 @@ async def measure(policy: str, store: str, n_eps: int, seconds: float) -> list[f
     await rt.apply(cfg)
     pol = rt.routes["llm"].policy
     needs_body = pol.needs_body
-    if policy == "endpoint_metrics" and hasattr(pol, "scraper"):
-        pass  # endpoints are unreachable here: the policy decides with what it knows (nothing)
+    if policy == "endpoint_metrics":
+        # The endpoints are fictitious: serve the policy fresh, varied scrapes from memory.
+        import random as _r
+
+        from extproc.scrape import EndpointMetrics
+
+        fake = {a: EndpointMetrics({"vllm:num_requests_waiting": _r.randint(0, 5), "vllm:num_requests_running": _r.randint(0, 20),
+                                    "vllm:kv_cache_usage_perc": _r.random()}) for a in eps}
+        pol.scraper.get = lambda addr, now=None: fake.get(addr)
     p = Processor(rt, tel, infl)
     hdr_eos, hdr = headers_msg(True), headers_msg(False)
     bodies = [pb.ProcessingRequest(request_body=pb.HttpBody(body=messages(i), end_of_stream=True)).SerializeToString()
