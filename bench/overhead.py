@@ -183,7 +183,6 @@ def main() -> int:
 def decisions_per_second(seconds: float = 2.0) -> dict[str, float]:
     """The Python cost of one decision, without gRPC transport: parse the serialized Envoy
     message, run the handler (context, policy, answer) and serialize the answer."""
-    import grpc
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
     from google.protobuf import struct_pb2
@@ -196,6 +195,9 @@ def decisions_per_second(seconds: float = 2.0) -> dict[str, float]:
     from extproc.telemetry import Telemetry
 
     sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from decisions import Stream  # the in-process stand-in for Envoy's stream
+
     hdrs = pb.HttpHeaders(end_of_stream=False)
     for k, v in [(":method", "POST"), (":path", "/v1/chat/completions"), (":authority", "llm.example"),
                  (":scheme", "http"), ("content-type", "application/json"), ("content-length", "1024"),
@@ -209,16 +211,6 @@ def decisions_per_second(seconds: float = 2.0) -> dict[str, float]:
     req.attributes["envoy.filters.http.ext_proc"].CopyFrom(s)
     raw_headers = req.SerializeToString()
     raw_body = pb.ProcessingRequest(request_body=pb.HttpBody(body=chat_body(1024), end_of_stream=True)).SerializeToString()
-
-    class Stream:
-        def __init__(self, msgs):
-            self.msgs = msgs
-
-        async def read(self):
-            return pb.ProcessingRequest.FromString(self.msgs.pop()) if self.msgs else grpc.aio.EOF
-
-        async def write(self, m):
-            m.SerializeToString()
 
     out = {}
     for pol, msgs in (("round_robin", [raw_headers]), ("least_request", [raw_headers]),

@@ -35,21 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     if a.cmd == "check-config":
-        try:
-            cfg = load_config(a.file)
-        except ConfigError as e:
-            for line in e.problems:
-                print(f"{a.file}: {line}", file=sys.stderr)
+        cfg = _load_or_report(a.file)
+        if cfg is None:
             return 2
         print(f"{a.file}: OK ({len(cfg.routes)} route(s): "
               + ", ".join(f"{n}={r.lb_policy}" for n, r in cfg.routes.items()) + ")")
         return 0
     if a.cmd == "serve":
-        try:
-            cfg = load_config(a.config)
-        except ConfigError as e:
-            for line in e.problems:
-                print(f"{a.config}: {line}", file=sys.stderr)
+        cfg = _load_or_report(a.config)
+        if cfg is None:
             return 2
         logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from .server import run
@@ -61,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(requests=a.requests, policy=a.policy, backends=a.backends, time_scale=a.time_scale)
     return 1
+
+
+def _load_or_report(path: str):
+    """The config, or None after printing one line per problem (file: field path: message)."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        for line in e.problems:
+            print(f"{path}: {line}", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":

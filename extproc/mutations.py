@@ -58,45 +58,36 @@ class Answers:
 
     def pick(self, phase: str, address: str, mode: PM | None = None) -> pb.ProcessingResponse:
         """Route to ``address``: header and dynamic metadata, both set by us alone."""
-        key = (phase, address, id(mode))
-        r = self._pick.get(key)
-        if r is None:
-            common = pb.CommonResponse()
-            common.header_mutation.set_headers.append(base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=DEST_HEADER, raw_value=address.encode()), append_action=_OVERWRITE))
-            r = _wrap(phase, common)
-            r.dynamic_metadata.fields[DEST_METADATA_NS].struct_value.fields[DEST_HEADER].string_value = address
-            if mode is not None:
-                r.mode_override.CopyFrom(mode)
-            self._pick[key] = r
-        return r
+        return self._cached(self._pick, (phase, address, id(mode)), phase, mode,
+                            set_header=(DEST_HEADER, address), metadata=address)
 
     def to_cluster(self, phase: str, header: str, cluster: str, mode: PM | None = None) -> pb.ProcessingResponse:
         """Rewrite the route's cluster header and have Envoy re-evaluate the route."""
-        key = (phase, f"{header}\0{cluster}", id(mode))
-        r = self._pick.get(key)
-        if r is None:
-            common = pb.CommonResponse(clear_route_cache=True)
-            common.header_mutation.set_headers.append(base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=header, raw_value=cluster.encode()), append_action=_OVERWRITE))
-            common.header_mutation.remove_headers.append(DEST_HEADER)
-            r = _wrap(phase, common)
-            if mode is not None:
-                r.mode_override.CopyFrom(mode)
-            self._pick[key] = r
-        return r
+        return self._cached(self._pick, (phase, f"{header}\0{cluster}", id(mode)), phase, mode,
+                            set_header=(header, cluster), remove=True, clear_route_cache=True)
 
     def passthrough(self, phase: str, mode: PM | None = None) -> pb.ProcessingResponse:
         """No pick (yet): only strip any client-supplied destination header."""
-        key = (phase, id(mode))
-        r = self._pass.get(key)
+        return self._cached(self._pass, (phase, id(mode)), phase, mode, remove=True)
+
+    @staticmethod
+    def _cached(cache: dict, key: tuple, phase: str, mode: PM | None, set_header: tuple[str, str] | None = None,
+                metadata: str | None = None, remove: bool = False, clear_route_cache: bool = False) -> pb.ProcessingResponse:
+        r = cache.get(key)
         if r is None:
-            common = pb.CommonResponse()
-            common.header_mutation.remove_headers.append(DEST_HEADER)
+            common = pb.CommonResponse(clear_route_cache=clear_route_cache)
+            if set_header is not None:
+                common.header_mutation.set_headers.append(base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=set_header[0], raw_value=set_header[1].encode()),
+                    append_action=_OVERWRITE))
+            if remove:
+                common.header_mutation.remove_headers.append(DEST_HEADER)
             r = _wrap(phase, common)
+            if metadata is not None:
+                r.dynamic_metadata.fields[DEST_METADATA_NS].struct_value.fields[DEST_HEADER].string_value = metadata
             if mode is not None:
                 r.mode_override.CopyFrom(mode)
-            self._pass[key] = r
+            cache[key] = r
         return r
 
     @staticmethod
