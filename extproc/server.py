@@ -53,6 +53,8 @@ class Gateway:
         self.directory = EndpointDirectory()
         self.runtime = Runtime(self.directory, self.inflight)
         self.processor = Processor(self.runtime, self.telemetry, self.inflight, self.config.server.max_body_bytes)
+        self.telemetry.policy_stats = lambda: [(n, r.policy_name, r.policy.stats)
+                                               for n, r in self.runtime.routes.items() if r.policy is not None]
         self.health = health.aio.HealthServicer()  # grpcio transport
         self._health_status: dict[str, int] = {}     # native transport
         self.discovery: EnvoyAdminDiscovery | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -32,6 +33,8 @@ class Telemetry:
                                registry=self.registry)
         self.endpoints = Gauge("ai_lb_route_endpoints", "Known endpoints per route by health.", ["route", "state"],
                                registry=self.registry)
+        # Set by the gateway: yields (route, policy name, policy.stats) for live policies.
+        self.policy_stats: Callable[[], Iterable[tuple[str, str, dict]]] | None = None
         self.registry.register(_Collector(self))
         self._fb_log = RateLimitedLog(fallback_log_interval)
 
@@ -112,6 +115,14 @@ class _Collector:
                                 labels=["store", "event"])
         for k, v in dict(stats.events).items():
             c.add_metric(list(k), v)
+        yield c
+        c = CounterMetricFamily("ai_lb_policy_events", "Events counted by the policies themselves (e.g. prefix "
+                                "hit/miss, endpoints without fresh metrics, missing metrics).",
+                                labels=["route", "policy", "event"])
+        if t.policy_stats is not None:
+            for route, policy, st in list(t.policy_stats()):
+                for event, v in dict(st).items():
+                    c.add_metric([route, policy, event], v)
         yield c
         h = HistogramMetricFamily("ai_lb_decision_duration_seconds", "Time from the message that completed the "
                                   "request's input to the answer sent to Envoy.", labels=["route", "policy"])

@@ -83,6 +83,9 @@ class Policy:
     def __init__(self, config: Any, env: PolicyEnv) -> None:
         self.config = config
         self.env = env
+        # Event counts worth watching (prefix hits, stale metrics, ...): exported as
+        # ai_lb_policy_events_total{route,policy,event}.
+        self.stats: dict[str, int] = {}
 
     async def pick(self, ctx: "RequestContext", candidates: Sequence[Endpoint]) -> Decision:
         """Choose for one request. ``candidates`` are the route's healthy endpoints

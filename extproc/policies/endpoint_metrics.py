@@ -108,7 +108,6 @@ class EndpointMetricsPolicy(Policy):
         extra = (config.target_metric,) if config.target_metric else ()
         self.scraper = MetricsScraper(interval=config.scrape_interval, timeout=config.scrape_timeout,
                                       stale_after=config.stale_after, path=config.metrics_path, extra=extra)
-        self.stats: dict[str, int] = {}
         self._log = RateLimitedLog(10.0)
         self._last_cands: object = None
         self._last_want = 0.0

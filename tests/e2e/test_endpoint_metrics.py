@@ -104,4 +104,7 @@ def test_unreachable_metrics_do_not_break_routing(gw):
     res = h.load(gw.url + CHAT, n=12, concurrency=2)
     assert res.failed == 0, res.errors[:3]
     assert len(res.served_by) == 3
-    assert h.metric_value(gw.metrics(), "ai_lb_fallbacks_total", route="llm", reason="metrics_unavailable") == 15
+    m = gw.metrics()
+    assert h.metric_value(m, "ai_lb_fallbacks_total", route="llm", reason="metrics_unavailable") == 15
+    assert h.metric_value(m, "ai_lb_policy_events_total", route="llm", policy="endpoint_metrics",
+                          event="metrics_unavailable") == 15

@@ -116,6 +116,8 @@ def test_multi_turn_conversations_stick_to_one_endpoint(gw):
     check_sticky(gw)
     assert prefix_hits(gw) > hits0  # the backends' prefix caches were actually reused
     assert idle(gw)
+    m = gw.metrics()  # ai-lb's own view: 6 conversations x 3 later turns matched their prefix
+    assert h.metric_value(m, "ai_lb_policy_events_total", route="llm", policy="prefix_cache", event="hit") >= 18
 
 
 def test_endpoint_that_goes_down_loses_its_prefix_traffic(gw):
