@@ -123,7 +123,7 @@ async def measure_capacity(backends: Backends, w: workloads.Workload, seconds: f
     return done / max(time.monotonic() - t0, 1e-9)
 
 
-def run_one(spec: str, load: float, rate_conv: float, args, sim: SimBackends | None, user_backends: Backends | None,
+def run_one(spec: str, load: float | None, rate_conv: float, args, sim: SimBackends | None, user_backends: Backends | None,
             out: Path, store: str) -> dict:
     w = workloads.make(args.workload, args.seed, args.duration, rate_conv)
     entry = {"system": spec, "load": load, "offered_rps": rate_conv * (w.requests / max(len(w.conversations), 1)),
@@ -132,14 +132,14 @@ def run_one(spec: str, load: float, rate_conv: float, args, sim: SimBackends | N
     system = None
     try:
         system = make_system(spec, store)
-        url = system.start(backends, out / "logs" / spec.replace(":", "-") / f"load{load}")
+        url = system.start(backends, out / "logs" / spec.replace(":", "-") / f"load{load if load is not None else rate_conv}")
         h0, q0 = asyncio.run(prefix_counters(backends.addresses))
         prog = loadgen.Progress(w.requests)
         t_start = time.monotonic()
 
         def tick() -> None:
             el = time.monotonic() - t_start
-            msg = f"  {spec:<28} load {load:.2f}: {prog.done}/{prog.total} requests, {prog.failed} failed, {el:5.1f}s"
+            msg = f"  {spec:<28} {_level(load, rate_conv)}: {prog.done}/{prog.total} requests, {prog.failed} failed, {el:5.1f}s"
             if sys.stderr.isatty():
                 print("\r" + msg, end="", file=sys.stderr, flush=True)
             elif int(el) % 10 == 0 and el - int(el) < 0.5:
@@ -165,6 +165,10 @@ def run_one(spec: str, load: float, rate_conv: float, args, sim: SimBackends | N
         if sim is not None and user_backends is None:
             sim.stop()
     return entry
+
+
+def _level(load: float | None, rate_conv: float) -> str:
+    return f"load {load:.2f}" if load is not None else f"{rate_conv:g} conv/s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     for load, rate_conv in levels:
         for spec in specs:
             print(f"running {spec} at {rate_conv:.2f} conversations/s", file=sys.stderr)
-            results.append(run_one(spec, load if load is not None else rate_conv, rate_conv, a, sim, user, out, a.store))
+            results.append(run_one(spec, load, rate_conv, a, sim, user, out, a.store))
     run = {"meta": meta, "results": results}
     files = report.write(run, out)
     print(report.markdown(run))

@@ -6,6 +6,11 @@ import json
 from pathlib import Path
 
 
+def _load(r: dict) -> str:
+    """The offered load: a fraction of measured capacity, or a fixed rate (--rate)."""
+    return f"{r['load']:.2f}" if r.get("load") is not None else f"{r.get('offered_rps', 0):.1f} req/s"
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
@@ -16,19 +21,19 @@ def markdown(run: dict) -> str:
              f"duration {meta['duration_s']:.0f} s)", ""]
     if meta.get("capacity_rps"):
         lines.append(f"Measured capacity: {meta['capacity_rps']:.1f} req/s. ")
-    lines += ["", "| system | load | status | ok / sent (planned) | TTFT p50 / p90 (ms) | ITL p50 (ms) | E2E p50 / p90 (ms) | "
+    lines += ["", "| system | offered load | status | ok / sent (planned) | TTFT p50 / p90 (ms) | ITL p50 (ms) | E2E p50 / p90 (ms) | "
               "req/s | out tok/s | prefix hit rate | CPU (cores) | machine |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in run["results"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['system']} | {r.get('load', '-')} | **{r['status']}**: {r.get('error', '')[:80]} "
+            lines.append(f"| {r['system']} | {_load(r)} | **{r['status']}**: {r.get('error', '')[:80]} "
                          "| | | | | | | | | |")
             continue
         s = r["summary"]
         cpu = ", ".join(f"{k} {v['cores']:.2f}" for k, v in r["cpu"]["components"].items())
         hit = r.get("prefix_hit_rate")
         sat = "**saturated**" if r["cpu"].get("saturated") else f"{(r['cpu'].get('machine_busy_mean') or 0) * 100:.0f}% busy"
-        lines.append(f"| {r['system']} | {r['load']:.2f} | ok | {s['ok']} / {s['requests']} ({r.get('planned_requests', '-')}) | "
+        lines.append(f"| {r['system']} | {_load(r)} | ok | {s['ok']} / {s['requests']} ({r.get('planned_requests', '-')}) | "
                      f"{_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p90_s'])} | {_ms(s['itl_p50_s'])} | "
                      f"{_ms(s['e2e_p50_s'])} / {_ms(s['e2e_p90_s'])} | {s['throughput_rps']:.2f} | "
                      f"{s['output_tokens_per_s']:.0f} | {'-' if hit is None else f'{hit:.1%}'} | {cpu} | {sat} |")
@@ -64,12 +69,12 @@ def plots(run: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = {}
     for r in ok:
-        if r["system"] not in top or r["load"] > top[r["system"]]["load"]:
+        if r["system"] not in top or r["offered_rps"] > top[r["system"]]["offered_rps"]:
             top[r["system"]] = r
     for name, r in top.items():
         xs = sorted(x["ttft_s"] for x in r["requests"] if x["ttft_s"] is not None)
         if xs:
-            ax.plot([x * 1000 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], label=f"{name} (load {r['load']:.2f})")
+            ax.plot([x * 1000 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], label=f"{name} ({_load(r)})")
     ax.set_xlabel("time to first token (ms)")
     ax.set_ylabel("fraction of requests")
     ax.set_xscale("log")

@@ -138,7 +138,7 @@ def test_report_files_are_complete_and_failures_reported(tmp_path):
     assert all(f.stat().st_size > 0 for f in files)
     assert json.loads((tmp_path / "results.json").read_text())["results"][2]["status"] == "failed"
     md = (tmp_path / "results.md").read_text()
-    assert "| sglang-router | 0.5 | **failed**: RuntimeError: no binary" in md
+    assert "| sglang-router | 0.50 | **failed**: RuntimeError: no binary" in md
     assert "| ai-lb:prefix_cache | 0.50 | ok | 20 / 20 (-) |" in md
     assert "60.0%" in md  # prefix hit rate column
     assert "machine was saturated during: envoy-rr" in md
