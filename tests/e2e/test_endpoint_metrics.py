@@ -106,5 +106,5 @@ def test_unreachable_metrics_do_not_break_routing(gw):
     assert len(res.served_by) == 3
     m = gw.metrics()
     assert h.metric_value(m, "ai_lb_fallbacks_total", route="llm", reason="metrics_unavailable") == 15
-    assert h.metric_value(m, "ai_lb_policy_events_total", route="llm", policy="endpoint_metrics",
+    assert h.metric_value(m, "ai_lb_policy_events_total", route="llm", policy="metrics_based",
                           event="metrics_unavailable") == 15
