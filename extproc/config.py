@@ -20,6 +20,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 LB_TYPES = ("endpoint", "cluster")
+_SECRET_WORDS = ("password", "secret", "token")  # never echo these values in error messages
 
 
 class ConfigError(Exception):
@@ -291,7 +292,8 @@ class _Validator:
                 continue
             ok, conv = _coerce(val, hints[k])
             if not ok:
-                self.err(f"{path}.{k}", f"expected {_describe(hints[k])}, got {val!r}")
+                shown = "<redacted>" if any(w in k.lower() for w in _SECRET_WORDS) else repr(val)
+                self.err(f"{path}.{k}", f"expected {_describe(hints[k])}, got {shown}")
             else:
                 kwargs[k] = conv
         for name, f in fields.items():

@@ -142,3 +142,10 @@ def test_check_config_cli_exit_codes(tmp_path):
     assert "routes.r.lb_policy: unknown policy 'nope'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_secret_values_are_never_echoed_in_errors():
+    (p,) = problems("routes: {r: {lb_policy: global_least_request, lb_config: {serviceFQDN: redis, servicePort: 6379, "
+                    "password: 98765431}, endpoints: {static: ['1.2.3.4:1']}}}")
+    assert p == "routes.r.lb_config.password: expected a string, got <redacted>"
+    assert "98765431" not in p
