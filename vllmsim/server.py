@@ -409,20 +409,29 @@ class SimServer:
         return web.json_response({"crashing": True, "restart_after_s": delay})
 
     async def _match(self, request: web.Request) -> web.Response:
-        """Oracle: how many prompt tokens of this body would hit the prefix cache now."""
+        """Oracle: how many prompt tokens of this body would hit the prefix cache now, and
+        the queue. The body is either an inference request, or ``{"block_hashes": [...],
+        "prompt_tokens": N}`` (hashes from ``vllmsim.kvcache.block_hashes``), so an oracle
+        probing many servers tokenizes and hashes a prompt once instead of once per server."""
         assert self.engine is not None
         cfg = self.config
         try:
             body = await self._read_json(request)
+            if isinstance(body, dict) and isinstance(body.get("block_hashes"), list):
+                n = int(body.get("prompt_tokens", 0))
+                cached = self.engine.match_prefix_tokens([int(h) for h in body["block_hashes"]], n)
+                return web.json_response({"prompt_tokens": n, "cached_tokens": cached,
+                                          "running": len(self.engine.running), "waiting": len(self.engine.waiting)})
             kind = "chat" if isinstance(body, dict) and "messages" in body else "completion"
             gen = parse_request(body, kind, served_model=cfg.model,
                                 loras=frozenset(cfg.lora_adapters), default_max_tokens=1,
                                 max_model_len=1 << 30)
-        except APIError as e:
-            return self._error(e)
+        except (APIError, ValueError, TypeError) as e:
+            return self._error(e if isinstance(e, APIError) else APIError(str(e)))
         hashes = block_hashes(gen.token_ids, cfg.profile.block_size, gen.lora)
         cached = self.engine.match_prefix_tokens(hashes, len(gen.token_ids))
-        return web.json_response({"prompt_tokens": len(gen.token_ids), "cached_tokens": cached})
+        return web.json_response({"prompt_tokens": len(gen.token_ids), "cached_tokens": cached,
+                                  "running": len(self.engine.running), "waiting": len(self.engine.waiting)})
 
 
 def make_server_configs(n: int, base: ServerConfig, names: Sequence[str] | None = None
