@@ -18,6 +18,7 @@ randomised per process, so it is stable across runs and cheap.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
@@ -28,7 +29,10 @@ def block_hashes(token_ids: Sequence[int], block_size: int, extra: object = None
     ``extra`` (e.g. the LoRA adapter name) is mixed into the first block, as vLLM does
     with its "extra keys", so two adapters never share cached blocks.
     """
-    parent = hash(("vllmsim", extra)) if extra is not None else 0
+    # A stable seed: hash() of a string differs between processes (PYTHONHASHSEED), and an
+    # oracle in another process must compute the same chain; tuples of ints hash stably.
+    parent = int.from_bytes(hashlib.blake2b(f"vllmsim:{extra}".encode(), digest_size=8).digest(), "little") \
+        if extra is not None else 0
     out: list[int] = []
     n_full = len(token_ids) // block_size
     for i in range(n_full):
