@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 import harness as h
+from extproc.demo import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -108,9 +108,9 @@ def test_compose_configs_route_through_strict_dns(tmp_path):
                               envoy_admin=f"http://127.0.0.1:{admin}", discovery_interval=0.2)
         (tmp_path / "ai-lb.yaml").write_text(yaml.safe_dump(acfg, sort_keys=False))
         procs.append(h.start_ai_lb(tmp_path, tmp_path / "ai-lb.yaml", grpc))
-        _wait(lambda: all(h.envoy_host_health(admin, "ai_lb").values() or [False]), "Envoy never saw ai-lb healthy")
-        _wait(lambda: h.metric_value(h.metrics_text(metrics), "ai_lb_route_endpoints", route="llm",
-                                     state="healthy") >= 3, "ai-lb never discovered the backends")
+        wait_until(lambda: all(h.envoy_host_health(admin, "ai_lb").values() or [False]), 15.0, "Envoy never saw ai-lb healthy")
+        wait_until(lambda: h.metric_value(h.metrics_text(metrics), "ai_lb_route_endpoints", route="llm",
+                                          state="healthy") >= 3, 15.0, "ai-lb never discovered the backends")
 
         res = h.load(f"http://127.0.0.1:{listen}{CHAT}", n=18, concurrency=3,
                      make_body=lambda i: h.chat_body(f"r{i}", max_tokens=8 + 16 * (i % 4), model="demo-model"))
@@ -124,16 +124,6 @@ def test_compose_configs_route_through_strict_dns(tmp_path):
             p.stop()
 
 
-def _wait(cond: Any, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 def test_compose_file_wires_the_services_together():
