@@ -115,7 +115,7 @@ class GrpcStream:
         self.task: asyncio.Task | None = None
         self.headers_sent = False
         self.send_window = conn.peer_initial_window
-        self.pending: list[bytes] = []   # DATA/HEADERS waiting for flow-control window
+        self.pending: collections.deque[tuple[bool, bytes]] = collections.deque()  # (is_trailers, bytes) awaiting window
         self.closed = False
 
     async def read(self) -> Any:
@@ -149,6 +149,7 @@ class H2Connection(asyncio.Protocol):
         self.decoder = hpack.Decoder()
         self.path_cache: dict[bytes, str] = {}
         self.streams: dict[int, GrpcStream] = {}
+        self.blocked: dict[int, GrpcStream] = {}  # streams with output waiting for window
         self.peer_initial_window = 65535
         self.peer_max_frame = 16384
         self.conn_send_window = 65535
@@ -170,6 +171,7 @@ class H2Connection(asyncio.Protocol):
         for s in list(self.streams.values()):
             self._cancel(s)
         self.streams.clear()
+        self.blocked.clear()
 
     def data_received(self, data: bytes) -> None:
         buf = self.inbuf
@@ -412,7 +414,8 @@ class H2Connection(asyncio.Protocol):
             return
         if out:
             self._write(out)
-        s.pending.append(payload)
+        s.pending.append((False, payload))
+        self.blocked[s.sid] = s
         self._flush_pending()
 
     def _finish(self, s: GrpcStream, trailers: bytes) -> None:
@@ -422,7 +425,7 @@ class H2Connection(asyncio.Protocol):
         block = trailers if s.headers_sent else RESPONSE_HEADERS + trailers
         s.headers_sent = True
         if s.pending:
-            s.pending.append(b"T" + block)  # sent after the data ahead of it
+            s.pending.append((True, block))  # sent after the data ahead of it
             return
         self._end(s, block)
 
@@ -439,12 +442,14 @@ class H2Connection(asyncio.Protocol):
             self.transport.close()
 
     def _flush_pending(self) -> None:
-        for s in list(self.streams.values()):
+        """Send what flow control held back; only streams that have something waiting are
+        visited, so a window update costs nothing for the thousands of idle streams."""
+        for sid, s in list(self.blocked.items()):
             while s.pending:
-                item = s.pending[0]
-                if item[:1] == b"T":
-                    s.pending.pop(0)
-                    self._end(s, item[1:])
+                is_trailers, item = s.pending[0]
+                if is_trailers:
+                    s.pending.popleft()
+                    self._end(s, item)
                     break
                 room = min(self.conn_send_window, s.send_window)
                 if room <= 0:
@@ -454,9 +459,11 @@ class H2Connection(asyncio.Protocol):
                 s.send_window -= len(chunk)
                 self._write(frame(DATA, 0, s.sid, chunk))
                 if len(chunk) == len(item):
-                    s.pending.pop(0)
+                    s.pending.popleft()
                 else:
-                    s.pending[0] = item[len(chunk):]
+                    s.pending[0] = (False, item[len(chunk):])
+            if not s.pending or s.closed:
+                self.blocked.pop(sid, None)
 
     def _reset(self, s: GrpcStream, status: int, message: str) -> None:
         log.warning("gRPC stream %d failed: %s", s.sid, message)
@@ -470,6 +477,7 @@ class H2Connection(asyncio.Protocol):
 
     def _cancel(self, s: GrpcStream) -> None:
         s.closed = True
+        self.blocked.pop(s.sid, None)
         if s.task is not None and not s.task.done():
             s.task.cancel()
 

@@ -233,3 +233,28 @@ async def test_header_block_cache_follows_hpack_table_changes():
     finally:
         await srv.stop(0.1)
     assert got == ["0", "0", "0", "12", "12", "0", "0"]
+
+
+@pytest.mark.asyncio
+async def test_a_response_held_back_by_flow_control_arrives_intact():
+    """Large answers are split by the client's window; the held-back remainder must be
+    sent as data whatever its first byte (it once could be mistaken for queued trailers)."""
+    payload = b"T" * (3 << 20)
+
+    async def handler(stream):
+        while (await stream.read()) is not EOF:
+            await stream.write(pb.ProcessingResponse(request_body=pb.BodyResponse(
+                response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=payload)))))
+
+    srv = GrpcServer()
+    srv.add_method(PROCESS, pb.ProcessingRequest.FromString, handler)
+    port = await srv.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+                ("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)]) as ch:
+            call = pb_grpc.ExternalProcessorStub(ch).Process(iter([body(1), body(2)]))
+            got = [r.request_body.response.body_mutation.body async for r in call]
+            assert await call.code() == grpc.StatusCode.OK
+    finally:
+        await srv.stop(0.1)
+    assert got == [payload, payload]
