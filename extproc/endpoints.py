@@ -59,13 +59,12 @@ def parse_admin_clusters(doc: Mapping[str, Any]) -> dict[str, tuple[Endpoint, ..
 class EndpointDirectory:
     """Resolves a route's endpoint config to its healthy candidates.
 
-    Results are cached per config and invalidated when discovery reports a change, so the
-    per-request cost is one dict lookup.
+    ``version`` changes whenever discovery does; routes cache their candidates per version
+    (``RouteRuntime.candidates``), so resolving happens once per change, not per request.
     """
 
     def __init__(self) -> None:
         self._clusters: dict[str, tuple[Endpoint, ...]] = {}
-        self._cache: dict[EndpointsConfig, tuple[Endpoint, ...]] = {}
         self.discovered_once = False
         self.version = 0  # bumped on every change, so callers can cache per version
 
@@ -74,15 +73,11 @@ class EndpointDirectory:
         if clusters == self._clusters:
             return False
         self._clusters = clusters
-        self._cache.clear()
         self.version += 1
         return True
 
     def candidates(self, cfg: EndpointsConfig) -> tuple[Endpoint, ...]:
-        c = self._cache.get(cfg)
-        if c is None:
-            c = self._cache[cfg] = self._resolve(cfg)
-        return c
+        return tuple(e for e in self.all_known(cfg) if e.healthy)
 
     def all_known(self, cfg: EndpointsConfig) -> tuple[Endpoint, ...]:
         """Every endpoint of the route, healthy or not (for status pages and metrics)."""
@@ -93,9 +88,6 @@ class EndpointDirectory:
             allowed = set(cfg.static)
             eps = tuple(e for e in eps if e.address in allowed)
         return eps
-
-    def _resolve(self, cfg: EndpointsConfig) -> tuple[Endpoint, ...]:
-        return tuple(e for e in self.all_known(cfg) if e.healthy)
 
 
 class EnvoyAdminDiscovery:
