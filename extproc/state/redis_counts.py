@@ -159,7 +159,6 @@ class RedisCounts:
         self._pick = c.register_script(PICK_LEAST)
         self._incr = c.register_script(INCR)
         self._decr = c.register_script(DECR)
-        self._resync = c.register_script(RESYNC)
         self._heartbeat = c.register_script(HEARTBEAT)
         self._task: asyncio.Task | None = None
         self._users = 0
@@ -236,18 +235,41 @@ class RedisCounts:
 
     async def resync(self) -> None:
         """Write this instance's real in-flight counts back to Redis (after an outage,
-        or after Redis restarted empty)."""
-        ok = True
+        or after Redis restarted empty).
+
+        The written shares are absolute, so they must match what Redis has applied: the
+        snapshot is taken when no other call of ours awaits a reply (every earlier pick,
+        count and decrement has landed and been booked locally), and all pools are sent in
+        that same event-loop step, so nothing of ours can be ordered in between.
+        """
+        client = self.conn.client
+        try:
+            await self.conn.call(client.ping)  # connected (a reconnect would yield mid-snapshot)
+        except RedisUnavailable:
+            self._resync_needed = True
+            return
+        for _ in range(500):
+            if client.outstanding() == 0:
+                await asyncio.sleep(0)  # let callers whose replies just arrived book them
+                if client.outstanding() == 0:
+                    break
+            else:
+                await asyncio.sleep(0.001)
+        futs = []
         for pool in list(self.pools):
-            mine = await self.mine.counts(pool, list(self.mine._n.get(pool, {})))
             args: list = [self.instance, self.lease_ms]
-            for a, n in mine.items():
+            for a, n in self.mine._n.get(pool, {}).items():
                 args += [a, n]
-            try:
-                await self.conn.call(lambda: self._resync(keys=pool_keys(pool), args=args))
-            except RedisUnavailable:
-                ok = False
-                break
-        if ok:
-            self._resync_needed = False
-            stats.count(self._label, "resync")
+            f = client.send_now("EVAL", RESYNC, 3, *pool_keys(pool), *args)
+            if f is None:  # the connection dropped since the ping
+                self._resync_needed = True
+                return
+            futs.append(f)
+        try:
+            async with asyncio.timeout(max(self.conn.timeout, 1.0)):
+                await asyncio.gather(*futs)
+        except Exception:  # noqa: BLE001 - try again from the heartbeat
+            self._resync_needed = True
+            return
+        self._resync_needed = False
+        stats.count(self._label, "resync")

@@ -145,6 +145,19 @@ class RespClient:
         self._proto = proto
         return proto
 
+    def send_now(self, *args: Any) -> asyncio.Future | None:
+        """Send without yielding (None when not connected): callers that need several
+        commands to leave in one event-loop step, with nothing of theirs in between."""
+        proto = self._proto
+        if proto is None or proto.closed:
+            return None
+        return proto.send(encode(args))
+
+    def outstanding(self) -> int:
+        """Calls sent on the current connection whose replies have not arrived yet."""
+        proto = self._proto
+        return 0 if proto is None or proto.closed else sum(not f.done() for f in proto.waiters)
+
     async def execute(self, *args: Any) -> Any:
         proto = await self._connection()
         return await proto.send(encode(args))
