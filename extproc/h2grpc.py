@@ -33,7 +33,8 @@ EOF = grpc.aio.EOF  # the same end-of-stream sentinel as grpcio, so handlers run
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 F_END_STREAM, F_ACK, F_END_HEADERS, F_PADDED, F_PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
-S_HEADER_TABLE_SIZE, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 1, 3, 4, 5
+S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 1, 2, 3, 4, 5
+MIN_FRAME_SIZE, MAX_FRAME_SIZE = 1 << 14, (1 << 24) - 1  # RFC 9113 6.5.2: SETTINGS_MAX_FRAME_SIZE bounds
 E_NO_ERROR, E_PROTOCOL_ERROR, E_FLOW_CONTROL, E_FRAME_SIZE, E_CANCEL = 0x0, 0x1, 0x3, 0x6, 0x8
 MAX_WINDOW = 2**31 - 1
 OUR_MAX_FRAME = 1 << 20       # fewer, larger DATA frames for big prompts
@@ -377,7 +378,14 @@ class H2Connection(asyncio.Protocol):
                 for s in self.streams.values():
                     s.send_window += delta
             elif k == S_MAX_FRAME_SIZE:
+                # RFC 9113 6.5.2: a value outside [2^14, 2^24-1] is a connection error. A
+                # value of 0 once made the flush loop below send empty frames forever.
+                if not MIN_FRAME_SIZE <= v <= MAX_FRAME_SIZE:
+                    raise _ConnectionError(E_PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {v} out of range")
                 self.peer_max_frame = v
+            elif k == S_ENABLE_PUSH:
+                if v > 1:
+                    raise _ConnectionError(E_PROTOCOL_ERROR, f"SETTINGS_ENABLE_PUSH {v} is not 0 or 1")
             elif k == S_HEADER_TABLE_SIZE:
                 pass  # we never index when encoding, so the peer's table size is irrelevant
         self._write(frame(SETTINGS, F_ACK, 0))
@@ -454,7 +462,7 @@ class H2Connection(asyncio.Protocol):
                 room = min(self.conn_send_window, s.send_window)
                 if room <= 0:
                     break
-                chunk = item[:min(room, self.peer_max_frame)]
+                chunk = item[:min(room, self.peer_max_frame)]  # both >= 1 here: always progresses
                 self.conn_send_window -= len(chunk)
                 s.send_window -= len(chunk)
                 self._write(frame(DATA, 0, s.sid, chunk))

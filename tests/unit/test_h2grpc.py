@@ -116,11 +116,16 @@ async def test_health_check_unknown_service_and_unknown_method():
         await srv.stop(0.1)
 
 
-def _read_frames(sock: socket.socket, want_end_stream: int, timeout=3.0):
+def _read_frames(sock: socket.socket, want_end_stream: int, timeout=3.0, max_frames=100_000):
+    """Frames until END_STREAM on ``want_end_stream``, the peer closes, ``max_frames`` or
+    ``timeout`` seconds in all (a server stuck sending frames must not hang the test)."""
+    import time
+
     sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     buf = b""
     frames = []
-    while True:
+    while len(frames) < max_frames and time.monotonic() < deadline:
         while len(buf) >= 9:
             n = int.from_bytes(buf[:3], "big")
             if len(buf) < 9 + n:
@@ -130,10 +135,14 @@ def _read_frames(sock: socket.socket, want_end_stream: int, timeout=3.0):
             buf = buf[9 + n:]
             if ftype == 1 and sid == want_end_stream and flags & 0x1:
                 return frames
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            return frames
         if not chunk:
             return frames
         buf += chunk
+    return frames
 
 
 @pytest.mark.asyncio
@@ -258,3 +267,74 @@ async def test_a_response_held_back_by_flow_control_arrives_intact():
     finally:
         await srv.stop(0.1)
     assert got == [payload, payload]
+
+
+def _serve_in_thread():
+    """The server on its own event loop in a daemon thread, so a server that wedges its
+    loop fails the test (the client times out) instead of hanging the test run."""
+    import threading
+
+    ready = threading.Event()
+    box = {}
+
+    def run():
+        loop = asyncio.new_event_loop()
+        box["loop"] = loop
+
+        async def main():
+            srv, port, echo = await start()
+            box["srv"], box["port"] = srv, port
+            ready.set()
+            await asyncio.Event().wait()
+
+        try:
+            loop.run_until_complete(main())
+        except RuntimeError:
+            pass  # loop stopped by the test
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(5)
+    return box
+
+
+def _health_ok(port: int, timeout: float) -> bool:
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+    finally:
+        ch.close()
+
+
+def test_settings_max_frame_size_zero_is_a_protocol_error_not_a_wedged_server():
+    """Regression: SETTINGS_MAX_FRAME_SIZE=0 (RFC 9113 requires 2^14..2^24-1) once made the
+    flush loop send empty DATA frames forever, so no decision was ever made again."""
+    box = _serve_in_thread()
+    port = box["port"]
+    enc = hpack.Encoder()
+    block = enc.encode([(":method", "POST"), (":scheme", "http"), (":path", PROCESS),
+                        (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
+    msg = body(100).SerializeToString()
+    s = socket.create_connection(("127.0.0.1", port))
+    # The bad SETTINGS, then a call whose answer must be sent under the bad frame size.
+    s.sendall(PREFACE + frame(4, 0, 0, struct.pack(">HI", 5, 0))
+              + frame(1, 0x4, 1, block) + frame(0, 0x1, 1, b"\x00" + struct.pack(">I", len(msg)) + msg))
+    frames = _read_frames(s, want_end_stream=-1, timeout=3.0)
+    s.close()
+    goaway = [f for f in frames if f[0] == 7]
+    assert goaway, f"no GOAWAY, got frame types {[f[0] for f in frames]}"
+    assert int.from_bytes(goaway[0][3][4:8], "big") == 0x1  # PROTOCOL_ERROR
+    assert not any(f[0] == 0 and not f[3] for f in frames)  # no empty DATA frames
+    # The server still answers on another connection, promptly.
+    assert _health_ok(port, timeout=2.0)
+    # Out-of-range the other way (> 2^24-1) is refused too.
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(PREFACE + frame(4, 0, 0, struct.pack(">HI", 5, 1 << 24)))
+    frames = _read_frames(s, want_end_stream=-1, timeout=3.0)
+    s.close()
+    assert any(f[0] == 7 and int.from_bytes(f[3][4:8], "big") == 0x1 for f in frames)
+    assert _health_ok(port, timeout=2.0)
+    box["loop"].call_soon_threadsafe(box["loop"].stop)
