@@ -1,4 +1,5 @@
-# ai-lb and the vLLM simulator in one image: `ai-lb serve -c ...`, `ai-lb sim serve ...`.
+# ai-lb, the vLLM simulator and the bench in one image: `ai-lb serve -c ...`, `ai-lb sim serve ...`,
+# `ai-lb bench ...` (the bench's extras are installed too).
 # Envoy is not included: run the official envoyproxy/envoy image next to it (docker-compose.yaml).
 FROM python:3.11-slim
 
@@ -10,10 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Only what the package needs: copying the build context wholesale would drag in a local
 # .venv, .git and test output. pyproject.toml first so the dependency layer is cached.
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY extproc ./extproc
 COPY vllmsim ./vllmsim
-RUN pip install . && rm -rf /src
+COPY aibench ./aibench
+RUN pip install '.[bench]' && rm -rf /src
 
 RUN useradd --system --uid 10001 --no-create-home ai-lb
 USER ai-lb

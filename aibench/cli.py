@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from . import loadgen, monitor, report, workloads
-from .systems_api import Backends
+from .systems.api import Backends
 
 DEFAULT_SYSTEMS = ("envoy-rr,envoy-lr,ai-lb:round_robin,ai-lb:global_least_request,ai-lb:prefix_cache,"
                    "ai-lb:endpoint_metrics,sglang-router,vllm-router,oracle")
@@ -52,7 +51,7 @@ class SimBackends:
     """N simulated vLLM servers in one process, restarted fresh for every system."""
 
     def __init__(self, n: int, workdir: Path, args: list[str]) -> None:
-        from extproc.devstack import free_ports
+        from .devstack import free_ports
 
         self.ports = free_ports(n)
         self.workdir = workdir
@@ -60,7 +59,7 @@ class SimBackends:
         self.proc = None
 
     def start(self) -> Backends:
-        from extproc.devstack import start_sim
+        from .devstack import start_sim
 
         self.proc = start_sim(self.workdir, self.ports, "--model", "sim-model", "--admin-port", "-1", *self.args,
                               name="sim")
@@ -187,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibrate", type=float, default=6.0, help="seconds of saturating load to measure capacity")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--store", default="memory", help="ai-lb state store (memory or redis://...)")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<time>)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench-results/<time>)")
     a = ap.parse_args(argv)
 
-    out = a.out or Path("bench/results") / time.strftime("%Y%m%d-%H%M%S")
+    out = a.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ai-lb-bench-"))
     specs = [s.strip() for s in a.systems.split(",") if s.strip()]

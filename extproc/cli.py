@@ -1,39 +1,50 @@
-"""``ai-lb`` command line: serve, check-config, demo, sim."""
+"""``ai-lb`` command line: ``serve`` and ``check-config``, plus the commands that other
+packages register under the ``ai_lb.commands`` entry-point group (``demo``, ``bench``,
+``sim``: the dev tooling and the simulator, which sit above the product and are never
+imported by it)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from importlib import metadata
 
-from .config import ConfigError, load_config
+from . import __version__
+from .config import ConfigError
+from .runtime import load_config
+
+COMMAND_GROUP = "ai_lb.commands"
+
+
+def _commands() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=COMMAND_GROUP)}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "sim":  # the simulator has its own CLI; pass everything through
-        from vllmsim.cli import main as sim_main
-
-        return sim_main(argv[1:])
-    if argv and argv[0] == "bench":  # the benchmark harness, likewise
-        from aibench.cli import main as bench_main
-
-        return bench_main(argv[1:])
+    extra = _commands()
+    if argv and argv[0] in extra and argv[0] not in ("serve", "check-config"):
+        try:
+            run = extra[argv[0]].load()
+        except ImportError as e:  # an optional extra is missing
+            print(f"ai-lb {argv[0]}: cannot load ({e}); install the package's extras, e.g. "
+                  f"pip install 'ai-lb[bench]'", file=sys.stderr)
+            return 2
+        return run(argv[1:])
     p = argparse.ArgumentParser(prog="ai-lb", description="LLM-aware load balancing for Envoy (ext_proc).")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--version", action="version", version=f"ai-lb {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     s = sub.add_parser("serve", help="run the ext_proc server")
     s.add_argument("-c", "--config", required=True, help="YAML config file (reloaded on change and SIGHUP)")
     c = sub.add_parser("check-config", help="validate a config file: exit 0, or 2 with one line per problem")
     c.add_argument("file")
-    d = sub.add_parser("demo", help="start simulated vLLM servers, ai-lb and Envoy, send traffic, show where it went")
-    d.add_argument("--requests", type=int, default=24)
-    d.add_argument("--policy", default="least_request")
-    d.add_argument("--backends", type=int, default=3, help="number of simulated vLLM servers")
-    d.add_argument("--time-scale", type=float, default=0.05, help="simulator wall seconds per simulated second")
-    sub.add_parser("sim", help="run the vLLM simulator (see `ai-lb sim --help`)")
-    sub.add_parser("bench", help="benchmark ai-lb against other routers (see `ai-lb bench --help`)")
+    for name in sorted(extra):
+        sub.add_parser(name, help=f"see `ai-lb {name} --help`", add_help=False)
     a = p.parse_args(argv)
-
+    if a.cmd is None:
+        p.print_help()
+        return 2
     if a.cmd == "check-config":
         cfg = _load_or_report(a.file)
         if cfg is None:
@@ -50,10 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
         run(a.config, cfg)
         return 0
-    if a.cmd == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(requests=a.requests, policy=a.policy, backends=a.backends, time_scale=a.time_scale)
     return 1
 
 

@@ -6,6 +6,10 @@ everything else (where endpoints come from, listen addresses, the state store) i
 
 Validation collects *all* problems, each prefixed with the field path, so an operator
 fixes a file in one pass instead of one error per restart.
+
+This module is a leaf: it knows no policy. Policy names and their typed ``lb_config``
+classes come from a ``PolicyCatalog`` the caller passes in (``extproc.policies.registry``;
+``extproc.runtime`` binds it for the usual ``load_config(path)``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Protocol
 
 import yaml
 
@@ -29,6 +33,16 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+class PolicyCatalog(Protocol):
+    """The policies a config may name (``extproc.policies.registry`` is one)."""
+
+    def names(self, lb_type: str | None = None) -> list[str]: ...
+
+    def config_class(self, name: str) -> type: ...
+
+    def load_plugin(self, module: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,12 @@ class RouteConfig:
     lb_config: Mapping[str, Any] = field(default_factory=dict)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     enabled: bool = True
+
+    @property
+    def pool(self) -> str:
+        """The namespace of this route's shared state (counts, prefix keys): route and
+        cluster, as Higress keys its Redis hashes."""
+        return f"{self.name}|{self.endpoints.cluster or 'static'}"
 
     def policy_key(self) -> tuple:
         """Identity of the policy instance: a reload keeps the instance (and its state)
@@ -89,30 +109,27 @@ def _freeze(v: Any) -> Any:
     return v
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, catalog: PolicyCatalog) -> Config:
     """Read and validate a config file; raises ConfigError listing every problem."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
-    return parse_config(text, source=str(p))
+    return parse_config(text, catalog, source=str(p))
 
 
-def parse_config(text: str, source: str | None = None) -> Config:
+def parse_config(text: str, catalog: PolicyCatalog, source: str | None = None) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError([f"{source or 'config'}: invalid YAML: {e}"]) from None
     if raw is None:
         raw = {}
-    return build_config(raw, source=source)
+    return build_config(raw, catalog, source=source)
 
 
-def build_config(raw: Any, source: str | None = None) -> Config:
-    # Import here: the policy registry imports this module for ConfigError.
-    from .policies import registry
-
+def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) -> Config:
     v = _Validator()
     if not isinstance(raw, Mapping):
         raise ConfigError([f"(top level): expected a mapping, got {_tname(raw)}"])
@@ -122,7 +139,7 @@ def build_config(raw: Any, source: str | None = None) -> Config:
     # Plugins register extra policies; load them before policy names are checked.
     for i, mod in enumerate(plugins):
         try:
-            registry.load_plugin(mod)
+            catalog.load_plugin(mod)
         except Exception as e:  # noqa: BLE001 - any import failure is a config error
             v.err(f"plugins[{i}]", f"cannot import {mod!r}: {e}")
 
@@ -158,7 +175,7 @@ def build_config(raw: Any, source: str | None = None) -> Config:
         if not isinstance(name, str):  # `off:` or `1:` in YAML is a bool or int, not a name
             v.err(f"routes.{name}", f"route names must be strings; quote it: '{name}'")
             continue
-        r = _route(v, f"routes.{name}", str(name), rr, server)
+        r = _route(v, f"routes.{name}", str(name), rr, server, catalog)
         if r is not None:
             routes[str(name)] = r
 
@@ -168,9 +185,8 @@ def build_config(raw: Any, source: str | None = None) -> Config:
     return Config(server=server, store=store, routes=routes, plugins=plugins, log_level=log_level, source=source)
 
 
-def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig | None) -> RouteConfig | None:
-    from .policies import registry
-
+def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig | None,
+           catalog: PolicyCatalog) -> RouteConfig | None:
     if not isinstance(rr, Mapping):
         v.err(path, f"expected a mapping, got {_tname(rr)}")
         return None
@@ -181,9 +197,9 @@ def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig 
         v.err(f"{path}.lb_type", f"unknown lb_type {lb_type!r}; allowed: {', '.join(LB_TYPES)}")
     policy = rr.get("lb_policy")
     if policy is None:
-        v.err(f"{path}.lb_policy", "required; allowed: " + ", ".join(registry.names(lb_type if lb_type in LB_TYPES else None)))
+        v.err(f"{path}.lb_policy", "required; allowed: " + ", ".join(catalog.names(lb_type if lb_type in LB_TYPES else None)))
     elif lb_type in LB_TYPES:
-        allowed = registry.names(lb_type)
+        allowed = catalog.names(lb_type)
         if policy not in allowed:
             v.err(f"{path}.lb_policy", f"unknown policy {policy!r} for lb_type {lb_type!r}; allowed: {', '.join(allowed) or '(none)'}")
     lb_config = rr.get("lb_config", {})
@@ -192,11 +208,10 @@ def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig 
     if not isinstance(lb_config, Mapping):
         v.err(f"{path}.lb_config", f"expected a mapping, got {_tname(lb_config)}")
         lb_config = {}
-    elif policy is not None and lb_type in LB_TYPES and policy in registry.names(lb_type):
-        cls = registry.get(policy)
-        parsed = v.dataclass_from(f"{path}.lb_config", lb_config, cls.Config)
-        if parsed is not None and hasattr(parsed, "validate"):
-            for sub, msg in parsed.validate():  # cross-field checks a policy may define
+    elif policy is not None and lb_type in LB_TYPES and policy in catalog.names(lb_type):
+        parsed = v.dataclass_from(f"{path}.lb_config", lb_config, catalog.config_class(policy))
+        if parsed is not None:
+            for sub, msg in parsed.validate():  # every policy config has cross-field checks
                 v.err(f"{path}.lb_config.{sub}", msg)
     enabled = rr.get("enabled", True)
     if not isinstance(enabled, bool):

@@ -9,23 +9,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
+from typing import Any
+
+from . import config as _config
 from .config import Config, RouteConfig, policy_config
-from .endpoints import EndpointDirectory
-from .mutations import PM, processing_mode
+from .core import EndpointDirectory
 from .policies import PolicyEnv, registry
 from .policies.base import Policy
-from .state import InflightCounter
+from .signals import LoadView, ScraperService
+from .state import StateStores
 
 log = logging.getLogger("ai_lb.runtime")
 
 CATCH_ALL = "*"
 
 
+# Config loading with the built-in policy catalog (config.py itself knows no policy).
+def load_config(path: str | Path) -> Config:
+    return _config.load_config(path, registry)
+
+
+def parse_config(text: str, source: str | None = None) -> Config:
+    return _config.parse_config(text, registry, source)
+
+
+def build_config(raw: Any, source: str | None = None) -> Config:
+    return _config.build_config(raw, registry, source)
+
+
 class RouteRuntime:
     """One route's compiled config; read on every request, so plain attributes only."""
 
-    __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "mode", "endpoints", "by_endpoint",
-                 "_cand", "_cand_version")
+    __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "needs", "endpoints",
+                 "by_endpoint", "_cand", "_cand_version", "_told")
 
     def __init__(self, config: RouteConfig, policy: Policy | None) -> None:
         self.name = config.name
@@ -36,23 +53,37 @@ class RouteRuntime:
         self.endpoints = config.endpoints
         self.by_endpoint = config.lb_type == "endpoint"  # cluster policies get no endpoint candidates
         self.needs_body = bool(policy and policy.needs_body)
-        self.mode: PM | None = processing_mode(policy.needs_body, policy.needs_response_headers,
-                                               policy.needs_response_body) if policy else None
+        # What the policy needs to see: (request body, response headers, response body).
+        self.needs: tuple[bool, bool, bool] | None = (
+            policy.needs_body, policy.needs_response_headers, policy.needs_response_body) if policy else None
         self._cand: tuple = ()
         self._cand_version = -1
+        self._told = False
 
     def candidates(self, directory: EndpointDirectory) -> tuple:
-        """Healthy endpoints, re-resolved only when discovery changed something."""
+        """Healthy endpoints, re-resolved only when discovery changed something (and then
+        the policy hears of it)."""
         if self._cand_version != directory.version:
-            self._cand = directory.candidates(self.endpoints) if self.by_endpoint else ()
             self._cand_version = directory.version
+            new = directory.candidates(self.endpoints) if self.by_endpoint else ()
+            if new != self._cand or not self._told:
+                self._cand, self._told = new, True
+                if self.policy is not None:
+                    self.policy.on_candidates(new)
         return self._cand
 
 
 class Runtime:
-    def __init__(self, directory: EndpointDirectory, inflight: InflightCounter) -> None:
-        self.directory = directory
-        self.inflight = inflight
+    """The route table, and the shared signals and state its policies are lent. The gateway
+    passes its own; left out, fresh ones are made (tests, benchmarks; a scraper service
+    that is never started scrapes nothing)."""
+
+    def __init__(self, directory: EndpointDirectory | None = None, load: LoadView | None = None,
+                 stores: StateStores | None = None, scrapes: ScraperService | None = None) -> None:
+        self.directory = directory or EndpointDirectory()
+        self.load = load or LoadView(stores.inflight if stores is not None else None)
+        self.stores = stores or StateStores(self.load.inflight)
+        self.scrapes = scrapes or ScraperService(on_sample=self.load.on_scrape)
         self.routes: dict[str, RouteRuntime] = {}
         self.catch_all: RouteRuntime | None = None
         self.config: Config | None = None
@@ -79,7 +110,8 @@ class Runtime:
                 if policy is None:
                     cls = registry.get(rc.lb_policy)
                     parsed = policy_config(cls.Config, rc.lb_config)
-                    policy = cls(parsed, PolicyEnv(route=rc, inflight=self.inflight, store_url=config.store))
+                    policy = cls(parsed, PolicyEnv(route=rc, load=self.load, stores=self.stores,
+                                                   scrapes=self.scrapes, store_url=config.store))
                     await policy.start()
                     started.append(policy)
                 new_routes[name] = RouteRuntime(rc, policy)
@@ -89,11 +121,19 @@ class Runtime:
             raise
         kept = {id(r.policy) for r in new_routes.values()}
         retired = [r.policy for r in self.routes.values() if r.policy is not None and id(r.policy) not in kept]
+        for rt in new_routes.values():
+            rt.candidates(self.directory)  # each policy hears of its candidates before a pick
         self.routes = new_routes
         self.catch_all = new_routes.get(CATCH_ALL)
         self.config = config
         for p in retired:
             self._retire(p)
+
+    def refresh_candidates(self) -> None:
+        """Discovery changed: let every route's policy see its new candidates now, not at
+        its next request (scrapers follow the fleet even without traffic)."""
+        for rt in self.routes.values():
+            rt.candidates(self.directory)
 
     # -- policy ownership: a replaced policy is closed after its last on_done ----------
     def acquire(self, policy: Policy) -> None:

@@ -20,12 +20,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from .config import Config, ConfigError, load_config
-from .endpoints import EndpointDirectory, EnvoyAdminDiscovery
+from .config import Config, ConfigError
+from .core import EndpointDirectory
+from .discovery.envoy_admin import EnvoyAdminDiscovery
+from .envoy.processor import Processor
 from .h2grpc import EOF, GrpcError, GrpcServer
-from .processor import Processor
-from .runtime import Runtime
-from .state import MemoryInflight
+from .runtime import Runtime, load_config
+from .signals import LoadView, ScraperService
+from .state import LocalInflight, StateStores
 from .telemetry import Telemetry
 
 log = logging.getLogger("ai_lb")
@@ -49,12 +51,17 @@ class Gateway:
         self.config_path = Path(config_path)
         self.config = config or load_config(self.config_path)
         self.telemetry = Telemetry(fallback_log_interval=self.config.server.fallback_log_interval)
-        self.inflight = MemoryInflight(on_change=self.telemetry.set_inflight)
+        # The gateway's shared signals and state, lent to every policy (PolicyEnv).
+        inflight = LocalInflight(on_change=self.telemetry.set_inflight)
+        self.load = LoadView(inflight)
+        self.stores = StateStores(inflight)
+        self.scrapes = ScraperService(on_sample=self.load.on_scrape)
         self.directory = EndpointDirectory()
-        self.runtime = Runtime(self.directory, self.inflight)
-        self.processor = Processor(self.runtime, self.telemetry, self.inflight, self.config.server.max_body_bytes)
+        self.runtime = Runtime(self.directory, self.load, self.stores, self.scrapes)
+        self.processor = Processor(self.runtime, self.telemetry, self.load, self.config.server.max_body_bytes)
         self.telemetry.policy_stats = lambda: [(n, r.policy_name, r.policy.stats)
                                                for n, r in self.runtime.routes.items() if r.policy is not None]
+        self.telemetry.state_events = lambda: self.stores.events
         self.health = health.aio.HealthServicer()  # grpcio transport
         self._health_status: dict[str, int] = {}     # native transport
         self.discovery: EnvoyAdminDiscovery | None = None
@@ -68,6 +75,7 @@ class Gateway:
         self.metrics_port = 0
 
     async def start(self) -> None:
+        await self.scrapes.start()
         await self.runtime.apply(self.config)
         self._start_discovery()
         self._update_endpoint_gauges()
@@ -111,6 +119,8 @@ class Gateway:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         await self.runtime.close()
+        await self.scrapes.close()
+        await self.stores.close()
 
     async def reload(self, why: str = "file change") -> bool:
         """Apply the config file again; on any problem keep serving the old config."""
@@ -180,8 +190,12 @@ class Gateway:
         s = self.config.server
         if s.envoy_admin:
             self.discovery = EnvoyAdminDiscovery(s.envoy_admin, self.directory, s.discovery_interval,
-                                                 on_change=self._update_endpoint_gauges)
+                                                 on_change=self._discovery_changed)
             self.discovery.start()
+
+    def _discovery_changed(self) -> None:
+        self.runtime.refresh_candidates()
+        self._update_endpoint_gauges()
 
     def _update_endpoint_gauges(self) -> None:
         g = self.telemetry.endpoints

@@ -33,8 +33,10 @@ class Telemetry:
                                registry=self.registry)
         self.endpoints = Gauge("ai_lb_route_endpoints", "Known endpoints per route by health.", ["route", "state"],
                                registry=self.registry)
-        # Set by the gateway: yields (route, policy name, policy.stats) for live policies.
+        # Set by the gateway: yields (route, policy name, policy.stats) for live policies,
+        # and the state stores' event counts ((store, event) -> n).
         self.policy_stats: Callable[[], Iterable[tuple[str, str, dict]]] | None = None
+        self.state_events: Callable[[], dict[tuple[str, str], int]] | None = None
         self.registry.register(_Collector(self))
         self._fb_log = RateLimitedLog(fallback_log_interval)
 
@@ -108,12 +110,10 @@ class _Collector:
         for k, v in dict(t.inflight).items():
             g.add_metric([k], v)
         yield g
-        from .state import stats
-
         c = CounterMetricFamily("ai_lb_state_events", "State store events: redis errors answered with local "
                                 "state (local_pick, local_count), resynchronisations after an outage (resync).",
                                 labels=["store", "event"])
-        for k, v in dict(stats.events).items():
+        for k, v in dict(t.state_events() if t.state_events else {}).items():
             c.add_metric(list(k), v)
         yield c
         c = CounterMetricFamily("ai_lb_policy_events", "Events counted by the policies themselves (e.g. prefix "

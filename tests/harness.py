@@ -1,4 +1,4 @@
-"""Test helpers: the local stack (from ``extproc.devstack``) plus client load and metrics."""
+"""Test helpers: the local stack (from ``aibench.devstack``) plus client load and metrics."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.devstack import *  # noqa: F401,F403 - re-exported for the tests
-from extproc.devstack import EXTRA_PYTHONPATH, ROOT, http_get
+from pathlib import Path
 
+from aibench.devstack import *  # noqa: F401,F403 - re-exported for the tests
+from aibench.devstack import EXTRA_PYTHONPATH, http_get
+
+ROOT = Path(__file__).resolve().parents[1]  # the source checkout
 EXTRA_PYTHONPATH.append(str(ROOT / "tests"))  # ai-lb subprocesses can load tests/plugins
 
 

@@ -1,6 +1,7 @@
-"""Load-balancing policies: one module each, behind ``base.Policy``, found by ``registry``."""
+"""Load-balancing policies: one module each (named like the policy), behind ``base.Policy``,
+found by ``registry``."""
 
-from .base import ClusterPick, Decision, Fallback, Policy, PolicyEnv, Reject
 from . import registry
+from .base import NoConfig, Policy, PolicyConfig, PolicyEnv
 
-__all__ = ["ClusterPick", "Decision", "Fallback", "Policy", "PolicyEnv", "Reject", "registry"]
+__all__ = ["NoConfig", "Policy", "PolicyConfig", "PolicyEnv", "registry"]

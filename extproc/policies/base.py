@@ -2,7 +2,8 @@
 
 A policy answers one question, ``pick``, and may observe the request's life through
 hooks. The gateway core does everything else (Envoy protocol, body buffering, fallbacks,
-metrics), so a new policy is one module with one class plus a line in the registry.
+metrics, in-flight accounting), so a new policy is one module with one class, its typed
+``lb_config`` dataclass, and a line in the registry.
 """
 
 from __future__ import annotations
@@ -10,53 +11,50 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from ..endpoints import Endpoint
+from ..core import Decision, Endpoint
 
 if TYPE_CHECKING:
     from ..config import RouteConfig
-    from ..context import RequestContext
-    from ..state import InflightCounter
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    """Refuse the request with an HTTP status (e.g. 429 when every endpoint is at its cap)."""
-
-    status: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Fallback:
-    """No opinion: let Envoy's native load balancing choose, counted under ``reason``."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterPick:
-    """``lb_type: cluster``: send the request to another Envoy cluster by rewriting the
-    route's ``cluster_header`` (Envoy re-evaluates the route)."""
-
-    cluster: str
-    header: str
-
-
-Decision = Endpoint | ClusterPick | Reject | Fallback
+    from ..core import RequestContext
+    from ..signals import LoadView, ScraperService
+    from ..state import StateStores
 
 
 @dataclass(frozen=True)
-class NoConfig:
+class PolicyConfig:
+    """Base of every policy's ``lb_config`` dataclass (field names are the lb_config keys).
+    ``validate`` returns (field, message) pairs for cross-field checks; config loading
+    reports them with their field paths, all in one pass."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        return []
+
+
+@dataclass(frozen=True)
+class NoConfig(PolicyConfig):
     """``lb_config`` of a policy that takes no settings: any field is an error."""
 
 
 @dataclass
 class PolicyEnv:
-    """What the core lends a policy: the route it serves and shared state."""
+    """What the core lends a policy: the route it serves and the gateway's shared signals
+    and state (one of each per gateway; never module globals)."""
 
     route: "RouteConfig"
-    inflight: "InflightCounter"
+    load: "LoadView"
+    stores: "StateStores"
+    scrapes: "ScraperService"
     store_url: str = "memory"
+
+    @classmethod
+    def standalone(cls, route: "RouteConfig", store_url: str = "memory") -> "PolicyEnv":
+        """An environment of its own, for a policy used outside a gateway (tests, tools)."""
+        from ..signals import LoadView, ScraperService
+        from ..state import StateStores
+
+        load = LoadView()
+        return cls(route=route, load=load, stores=StateStores(load.inflight),
+                   scrapes=ScraperService(on_sample=load.on_scrape), store_url=store_url)
 
 
 class Policy:
@@ -68,13 +66,13 @@ class Policy:
     hooks below fire; each costs a round trip per request or per chunk.
     ``on_done`` fires exactly once for every request this policy routed (Endpoint or ClusterPick),
     however the request ended. ``ctx.outcome`` is complete, error, reset or unobserved
-    (precise only when the policy asked for response headers: see processor._outcome).
+    (precise only when the policy asked for response headers: see the processor's outcome).
     """
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     lb_type: ClassVar[str] = "endpoint"
-    Config: ClassVar[type] = NoConfig  # a dataclass; field names are the lb_config keys
+    Config: ClassVar[type[PolicyConfig]] = NoConfig
 
     needs_body: bool = False
     needs_response_headers: bool = False
@@ -91,6 +89,10 @@ class Policy:
         """Choose for one request. ``candidates`` are the route's healthy endpoints
         (empty for ``lb_type: cluster`` policies, which choose among clusters)."""
         raise NotImplementedError
+
+    def on_candidates(self, candidates: Sequence[Endpoint]) -> None:
+        """The route's healthy endpoints changed (discovery); called before the first pick
+        and on every change, with or without traffic."""
 
     def on_response_headers(self, ctx: "RequestContext", status: int) -> None:
         pass

@@ -27,8 +27,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from ..endpoints import Endpoint
-from .base import ClusterPick, Decision, Policy
+from ..core import ClusterPick, Decision, Endpoint
+from ..signals import PickShare
+from .base import Policy, PolicyConfig
 
 MODES = ("LeastBusy", "LeastTotalLatency", "LeastFirstTokenLatency")
 
@@ -39,7 +40,7 @@ _TAIL = 48  # bytes kept from a chunk so a field split across two chunks is stil
 
 
 @dataclass(frozen=True)
-class Config:
+class ClusterMetricsConfig(PolicyConfig):
     mode: Literal["LeastBusy", "LeastTotalLatency", "LeastFirstTokenLatency"]
     service_list: tuple[str, ...]
     rate_limit: float = 1.0          # max share of recent picks one cluster may get (0..1]
@@ -112,9 +113,9 @@ class _ReqState:
 class ClusterMetrics(Policy):
     name = "cluster_metrics"
     lb_type = "cluster"
-    Config = Config
+    Config = ClusterMetricsConfig
 
-    def __init__(self, config: Config, env) -> None:
+    def __init__(self, config: ClusterMetricsConfig, env) -> None:
         super().__init__(config, env)
         self.clusters = tuple(config.service_list)
         self.mode = config.mode
@@ -123,9 +124,8 @@ class ClusterMetrics(Policy):
         self.inflight = {c: 0 for c in self.clusters}
         self.samples = {c: _Samples(config.queue_size) for c in self.clusters}
         self.probes: dict[str, deque[float]] = {c: deque() for c in self.clusters}
-        self.picks: deque[tuple[float, str]] = deque()  # (time, cluster) within rate_window
-        self.pick_counts = {c: 0 for c in self.clusters}
         self._clock = time.monotonic
+        self.share = PickShare(config.rate_window, clock=lambda: self._clock())
 
     # -- choosing ------------------------------------------------------------------------
     async def pick(self, ctx, candidates: Sequence[Endpoint]) -> Decision:
@@ -178,30 +178,18 @@ class ClusterMetrics(Policy):
         return [c for c, _ in items]
 
     def _rate_limited(self, now: float, ranked: list[str]) -> str:
-        limit = self.config.rate_limit
-        if limit >= 1.0 or len(ranked) < 2:
+        """The best-ranked cluster whose share of recent picks stays within ``rate_limit``."""
+        if self.config.rate_limit >= 1.0 or len(ranked) < 2:
             return ranked[0]
-        self._expire_picks(now)
-        total = len(self.picks)
-        if total < len(self.clusters):  # too few recent picks for a share to mean anything
-            return ranked[0]
+        over = self.share.over(self.config.rate_limit, now, min_total=len(self.clusters))
         for c in ranked:
-            if self.pick_counts[c] + 1 <= limit * (total + 1):
+            if c not in over:
                 return c
         return ranked[0]
 
     def _record_pick(self, now: float, cluster: str) -> None:
-        if self.config.rate_limit >= 1.0:
-            return
-        self.picks.append((now, cluster))
-        self.pick_counts[cluster] += 1
-        self._expire_picks(now)
-
-    def _expire_picks(self, now: float) -> None:
-        w = self.config.rate_window
-        picks, counts = self.picks, self.pick_counts
-        while picks and now - picks[0][0] > w:
-            counts[picks.popleft()[1]] -= 1
+        if self.config.rate_limit < 1.0:
+            self.share.record(cluster, now)
 
     # -- observing -----------------------------------------------------------------------
     def on_response_body(self, ctx, chunk: bytes, end_of_stream: bool) -> None:

@@ -3,10 +3,9 @@
 Compatible with Higress ``ai-load-balancer``'s policy of the same name (same ``lb_config``
 field names and defaults), minus its defects (see docs/policies/endpoint_metrics.md).
 
-Metrics come from a ``MetricsScraper`` (extproc/scrape.py) this instance owns: every
-candidate endpoint's ``/metrics`` is fetched every ``scrape_interval`` seconds. Endpoints
-are learnt from the candidates ``pick`` receives (and a route's static list at start), so
-a new endpoint is scraped from the next tick.
+Metrics come from the gateway's scraper service (``extproc.signals.scraper``): every
+candidate endpoint's ``/metrics`` is fetched every ``scrape_interval`` seconds for as long
+as the route exists, whether or not requests arrive; the candidates follow discovery.
 
 ``metric_policy``:
 
@@ -30,7 +29,7 @@ Unknown data, decided with what is known, never silently turned off:
 
 * An endpoint never scraped, or whose last good scrape is older than ``stale_after``, is
   *unknown*: it is left out while at least one candidate is known. Counted in
-  ``stats["stale_endpoints"]`` (and ``STATS``) and logged, rate-limited. When no candidate
+  ``stats["stale_endpoints"]`` and logged, rate-limited. When no candidate
   is known the request falls back to Envoy's LB, counted as ``metrics_unavailable``.
 * A metric missing on some known endpoints: a filter on that metric runs over the
   endpoints that have it; if none has it, the filter is skipped. Counted per metric in
@@ -42,30 +41,25 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from ..context import BodyError
-from ..endpoints import Endpoint
-from ..scrape import KV, WAITING, EndpointMetrics, MetricsScraper
+from ..core import BodyError, Decision, Endpoint, Fallback
+from ..signals import EndpointMetrics, PickShare, ScrapeSpec
+from ..signals.metrics import KV, WAITING
 from ..telemetry import RateLimitedLog
-from .base import Decision, Fallback, Policy
+from .base import Policy, PolicyConfig
 
 log = logging.getLogger("ai_lb.endpoint_metrics")
 
 # Higress / early GIE constant: below this many waiting requests, LoRA affinity is preferred.
 QUEUEING_THRESHOLD_LORA = 50
 
-# (route, what) -> count, across instances; what = "stale_endpoints", "missing:<metric>",
-# "metrics_unavailable".
-STATS: dict[tuple[str, str], int] = {}
-
 _WAITING, _KV = WAITING[0], KV[0]
 
 
 @dataclass(frozen=True)
-class EndpointMetricsConfig:
+class EndpointMetricsConfig(PolicyConfig):
     metric_policy: Literal["default", "least", "most"]
     target_metric: str = ""
     rate_limit: float = 1.0
@@ -106,50 +100,24 @@ class EndpointMetricsPolicy(Policy):
         super().__init__(config, env)
         self.needs_body = config.metric_policy == "default"  # the request's LoRA adapter
         extra = (config.target_metric,) if config.target_metric else ()
-        self.scraper = MetricsScraper(interval=config.scrape_interval, timeout=config.scrape_timeout,
-                                      stale_after=config.stale_after, path=config.metrics_path, extra=extra)
+        self.scraper = env.scrapes.subscribe(ScrapeSpec(
+            interval=config.scrape_interval, timeout=config.scrape_timeout, stale_after=config.stale_after,
+            path=config.metrics_path, extra=extra))
         self._log = RateLimitedLog(10.0)
-        self._last_cands: object = None
-        self._last_want = 0.0
-        self._window: deque[tuple[float, str]] = deque()
-        self._counts: dict[str, int] = {}
-        self._route = env.route.name if env is not None else ""
+        self._share = PickShare(config.rate_limit_window)
+        self._route = env.route.name
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def start(self) -> None:
-        eps = getattr(self.env.route, "endpoints", None)
-        if eps is not None and eps.static:
-            self.scraper.want(eps.static)
-        await self.scraper.start()
+    def on_candidates(self, candidates: Sequence[Endpoint]) -> None:
+        self.scraper.want(e.address for e in candidates)
 
     async def close(self) -> None:
-        await self.scraper.close()
+        self.scraper.close()
 
-    # -- accounting --------------------------------------------------------------------
     def _count(self, what: str, n: int = 1, fmt: str = "", *args) -> None:
         self.stats[what] = self.stats.get(what, 0) + n
-        k = (self._route, what)
-        STATS[k] = STATS.get(k, 0) + n
         if fmt:
             self._log.warn(("endpoint_metrics", self._route, what), fmt, *args)
-
-    def _over_limit(self, now: float) -> set[str]:
-        w, c = self._window, self._counts
-        horizon = now - self.config.rate_limit_window
-        while w and w[0][0] < horizon:
-            _, a = w.popleft()
-            n = c[a] - 1
-            if n:
-                c[a] = n
-            else:
-                del c[a]
-        total = len(w) + 1
-        lim = self.config.rate_limit
-        return {a for a, n in c.items() if (n + 1) / total > lim}
-
-    def _record(self, now: float, address: str) -> None:
-        self._window.append((now, address))
-        self._counts[address] = self._counts.get(address, 0) + 1
 
     # -- filters -----------------------------------------------------------------------
     def _with(self, pool: list[Known], metric: str) -> tuple[list[Known], list[float]]:
@@ -226,9 +194,6 @@ class EndpointMetricsPolicy(Policy):
     async def pick(self, ctx, candidates: Sequence[Endpoint]) -> Decision:
         now = time.monotonic()
         sc = self.scraper
-        if candidates is not self._last_cands or now - self._last_want > 1.0:
-            sc.want(e.address for e in candidates)
-            self._last_cands, self._last_want = candidates, now
         pool: list[Known] = []
         unknown = 0
         for e in candidates:
@@ -245,7 +210,7 @@ class EndpointMetricsPolicy(Policy):
                         "metrics (%s); deciding among the others", self._route, unknown, len(candidates),
                         ",".join(e.address for e in candidates if sc.get(e.address, now) is None))
         if self.config.rate_limit < 1:
-            over = self._over_limit(now)
+            over = self._share.over(self.config.rate_limit, now)
             if over and len(pool) > 1:
                 pool = [x for x in pool if x[0].address not in over] or pool
         cfg = self.config
@@ -255,7 +220,7 @@ class EndpointMetricsPolicy(Policy):
             final = self._band(pool, cfg.target_metric, lowest=cfg.metric_policy == "least")
         e = final[0][0] if len(final) == 1 else random.choice(final)[0]
         if cfg.rate_limit < 1:
-            self._record(now, e.address)
+            self._share.record(e.address, now)
         return e
 
 

@@ -12,40 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..endpoints import Endpoint
-from ..state.redis_conn import higress_redis_url
-from ..state.stores import counts_for
-from .base import Decision, Policy, Reject
+from ..core import Decision, Endpoint, Reject
+from ..state.redis_settings import RedisSettings
+from .base import Policy
 
 
 @dataclass(frozen=True)
-class RedisFields:
-    """Higress's ``lb_config`` fields for the Redis server (all optional here: without
-    ``serviceFQDN`` the global ``store`` is used)."""
-
-    serviceFQDN: str | None = None
-    servicePort: int | None = None
-    username: str = ""
-    password: str = ""
-    timeout: int = 50          # ms per Redis call; Higress: 3000 (a 3 s stall on the request path)
-    database: int = 0
-
-    def store_url(self, default: str) -> str:
-        if not self.serviceFQDN:
-            return default
-        return higress_redis_url(self.serviceFQDN, self.servicePort or 6379, self.username, self.password, self.database)
-
-    def validate(self) -> list[tuple[str, str]]:
-        out = []
-        if self.serviceFQDN and not self.servicePort:
-            out.append(("servicePort", "required with serviceFQDN"))
-        if self.timeout <= 0:
-            out.append(("timeout", "must be > 0 (milliseconds)"))
-        return out
-
-
-@dataclass(frozen=True)
-class Config(RedisFields):
+class GlobalLeastRequestConfig(RedisSettings):
     maxRequestCount: int = 0   # 0 = no cap
     cleanInterval: int = 60    # minutes; accepted for Higress compatibility (leases replace the sweep)
     lease_ttl: float = 10.0    # seconds a dead instance's counts survive it
@@ -59,19 +32,14 @@ class Config(RedisFields):
         return out
 
 
-def pool_name(env) -> str:
-    """Counts are namespaced per route and cluster."""
-    return f"{env.route.name}|{env.route.endpoints.cluster or 'static'}"
-
-
 class GlobalLeastRequest(Policy):
     name = "global_least_request"
-    Config = Config
+    Config = GlobalLeastRequestConfig
 
-    def __init__(self, config: Config, env) -> None:
+    def __init__(self, config: GlobalLeastRequestConfig, env) -> None:
         super().__init__(config, env)
-        self.counts = counts_for(config.store_url(env.store_url), config.timeout / 1000, config.lease_ttl)
-        self.pool = pool_name(env)
+        self.counts = env.stores.counts(config.store_url(env.store_url), config.timeout_s, config.lease_ttl)
+        self.pool = env.route.pool
 
     async def start(self) -> None:
         await self.counts.start()

@@ -10,15 +10,15 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from ..endpoints import Endpoint
-from .base import Decision, Policy
+from ..core import Decision, Endpoint
+from .base import Policy
 
 
 class LeastRequest(Policy):
     name = "least_request"
 
     async def pick(self, ctx, candidates: Sequence[Endpoint]) -> Decision:
-        get = self.env.inflight.get
+        get = self.env.load.requests
         best: list[Endpoint] = []
         low = None
         for e in candidates:

@@ -1,27 +1,49 @@
-"""Policy registry keyed by ``lb_policy`` (aliases included).
+"""Policy registry keyed by ``lb_policy`` (aliases included); the ``PolicyCatalog`` that
+config loading checks names and ``lb_config`` fields against.
 
-Built-in policies are listed in ``BUILTIN``; third-party ones register from a plugin
-module named in the config's ``plugins`` list by calling ``register``.
+Built-in policies are listed in ``BUILTIN``: one module each, named like the policy and
+exporting ``POLICY``. Third-party ones register from a plugin module named in the config's
+``plugins`` list by calling ``register``. A name can be registered once: a plugin cannot
+silently replace a built-in (or another plugin's) policy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
-from .base import Policy
+from .base import Policy, PolicyConfig
 
 _POLICIES: dict[str, type[Policy]] = {}
 
 
+class DuplicatePolicy(ValueError):
+    """A policy name (or alias) is already registered by another class."""
+
+
 def register(cls: type[Policy]) -> type[Policy]:
-    """Register a policy class (usable as a decorator)."""
-    for n in (cls.name, *cls.aliases):
+    """Register a policy class (usable as a decorator). Registering the same class again
+    (the same module and name, e.g. a plugin module imported twice) is a no-op; another
+    class under a taken name raises ``DuplicatePolicy``."""
+    if not (dataclasses.is_dataclass(cls.Config) and callable(getattr(cls.Config, "validate", None))):
+        raise TypeError(f"policy {cls.__name__}: Config must be a dataclass with validate() "
+                        f"(subclass PolicyConfig)")
+    names = (cls.name, *cls.aliases)
+    for n in names:
+        old = _POLICIES.get(n)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise DuplicatePolicy(f"policy name {n!r} is already registered by {old.__module__}.{old.__qualname__}")
+    for n in names:
         _POLICIES[n] = cls
     return cls
 
 
 def get(name: str) -> type[Policy]:
     return _POLICIES[name]
+
+
+def config_class(name: str) -> type[PolicyConfig]:
+    return _POLICIES[name].Config
 
 
 def names(lb_type: str | None = None) -> list[str]:
@@ -32,10 +54,9 @@ def load_plugin(module: str) -> None:
     importlib.import_module(module)
 
 
-# Built-in policies: one module each, exporting ``POLICY``. Adding one = a new module + a line here.
 BUILTIN = (
     "round_robin",
-    "random_pick",
+    "random",
     "least_request",
     "endpoint_metrics",
     "global_least_request",

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..endpoints import Endpoint
-from .base import Decision, Policy
+from ..core import Decision, Endpoint
+from .base import Policy
 
 
 class RoundRobin(Policy):

@@ -1,10 +1,11 @@
-"""Shared state behind small interfaces, each with a memory implementation.
+"""Shared state behind small interfaces, each with a memory and a Redis implementation:
+in-flight counts (``counts``: ``LocalCounts`` / ``redis_counts.RedisCounts``), the prefix
+index (``prefix_index``), the bounded Redis connection (``redis_conn``, over the pipelined
+client in ``resp``), and ``StateStores``, which shares them per store URL."""
 
-Policies depend on these protocols, never on a backend, so a single instance runs with
-in-memory state and a fleet shares the same interfaces through Redis.
-"""
+from .counts import GlobalCounts, LocalCounts
+from .inflight import LocalInflight
+from .redis_settings import RedisSettings
+from .stores import StateStores
 
-from .counts import GlobalCounts, MemoryCounts
-from .inflight import InflightCounter, MemoryInflight
-
-__all__ = ["GlobalCounts", "InflightCounter", "MemoryCounts", "MemoryInflight"]
+__all__ = ["GlobalCounts", "LocalCounts", "LocalInflight", "RedisSettings", "StateStores"]

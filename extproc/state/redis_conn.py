@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from typing import Awaitable, Callable, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger("ai_lb.redis")
 T = TypeVar("T")
@@ -26,15 +25,6 @@ def redact(url: str) -> str:
         return url
     netloc = f"{p.username or ''}:***@{p.hostname}" + (f":{p.port}" if p.port else "")
     return urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
-
-
-def higress_redis_url(serviceFQDN: str, servicePort: int, username: str = "", password: str = "",
-                      database: int = 0) -> str:
-    """Higress's lb_config Redis fields as a redis:// URL."""
-    auth = ""
-    if username or password:
-        auth = f"{quote(username, safe='')}:{quote(password, safe='')}@"
-    return f"redis://{auth}{serviceFQDN}:{servicePort}/{database}"
 
 
 class RedisUnavailable(Exception):
@@ -100,20 +90,3 @@ class RedisConn:
             await self.client.aclose()
         except Exception:  # noqa: BLE001
             pass
-
-
-_CONNS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, float], RedisConn]]" = \
-    weakref.WeakKeyDictionary()
-
-
-def connection(url: str, timeout: float = 0.05) -> RedisConn:
-    """A shared connection per (URL, timeout) and event loop: policies on the same Redis
-    share one pool (an asyncio client cannot outlive or cross its loop)."""
-    per_loop = _CONNS.setdefault(asyncio.get_running_loop(), {})
-    key = (url, timeout)
-    c = per_loop.get(key)
-    if c is None:
-        c = per_loop[key] = RedisConn(url, timeout)
-    return c
-
-

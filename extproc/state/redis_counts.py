@@ -26,9 +26,10 @@ import random
 import uuid
 from typing import Sequence
 
-from . import stats
-from .counts import MemoryCounts
-from .redis_conn import RedisConn, RedisUnavailable, connection, redact
+from typing import Callable
+
+from .counts import least
+from .redis_conn import RedisConn, RedisUnavailable, redact
 
 log = logging.getLogger("ai_lb.redis")
 
@@ -143,18 +144,21 @@ def pool_keys(pool: str) -> tuple[str, str, str]:
 
 
 class RedisCounts:
-    """``GlobalCounts`` over Redis; this instance's own counts are kept locally too."""
+    """``GlobalCounts`` over Redis. ``mine`` is this instance's own ledger (what it has in
+    flight per pool and address, Redis reachable or not): the local picks while Redis is
+    down, and the truth a resync writes back."""
 
-    def __init__(self, url: str, timeout: float = 0.05, lease_ttl: float = 10.0,
-                 fallback: MemoryCounts | None = None, instance: str | None = None,
-                 conn: RedisConn | None = None) -> None:
-        self.url = url
-        self.conn = conn or connection(url, timeout)
+    def __init__(self, conn: RedisConn, lease_ttl: float = 10.0, instance: str | None = None,
+                 events: Callable[[str, str], None] | None = None) -> None:
+        self.url = conn.url
+        self.conn = conn
         self.instance = instance or uuid.uuid4().hex[:12]
         self.lease_ms = int(lease_ttl * 1000)
         self.lease_ttl = lease_ttl
-        self.mine = fallback or MemoryCounts()   # what this instance has in flight, per pool
+        self.mine: dict[str, dict[str, int]] = {}   # pool -> address -> in flight through us
         self.pools: set[str] = set()
+        self._events = events or (lambda store, event: None)
+        self._rng = random.Random()
         c = self.conn.client
         self._pick = c.register_script(PICK_LEAST)
         self._incr = c.register_script(INCR)
@@ -164,7 +168,7 @@ class RedisCounts:
         self._users = 0
         self._resync_needed = False
         self.conn.on_recover.append(self.resync)
-        self._label = redact(url)
+        self._label = redact(conn.url)
 
     # -- lifecycle (shared by every policy on this store) ----------------------------
     async def start(self) -> None:
@@ -196,27 +200,40 @@ class RedisCounts:
             r = await self.conn.call(lambda: self._pick(
                 keys=pool_keys(pool), args=[self.instance, self.lease_ms, max_count, random.getrandbits(30), *candidates]))
         except RedisUnavailable:
-            stats.count(self._label, "local_pick")
+            self._events(self._label, "local_pick")
             self._resync_needed = True
-            return self.mine.pick_least_now(pool, candidates, max_count)
+            mine = self.mine.get(pool, {})
+            addr, low = least(candidates, lambda a: mine.get(a, 0), self._rng)
+            if max_count > 0 and low >= max_count:
+                return None, low
+            self._book(pool, addr, 1)
+            return addr, low + 1
         addr, n = r[0], int(r[1])
         if not addr:
             return None, n
         addr = addr.decode() if isinstance(addr, bytes) else addr
-        self.mine.incr_now(pool, addr)
+        self._book(pool, addr, 1)
         return addr, n
+
+    def _book(self, pool: str, address: str, delta: int) -> None:
+        mine = self.mine.setdefault(pool, {})
+        n = mine.get(address, 0) + delta
+        if n > 0:
+            mine[address] = n
+        else:
+            mine.pop(address, None)  # never negative
 
     async def incr(self, pool: str, address: str) -> None:
         self.pools.add(pool)
-        self.mine.incr_now(pool, address)
+        self._book(pool, address, 1)
         try:
             await self.conn.call(lambda: self._incr(keys=pool_keys(pool), args=[self.instance, self.lease_ms, address]))
         except RedisUnavailable:
-            stats.count(self._label, "local_count")
+            self._events(self._label, "local_count")
             self._resync_needed = True
 
     async def decr(self, pool: str, address: str) -> None:
-        self.mine.decr_now(pool, address)
+        self._book(pool, address, -1)
         try:
             await self.conn.call(lambda: self._decr(keys=pool_keys(pool)[:2], args=[self.instance, address]))
         except RedisUnavailable:
@@ -230,7 +247,8 @@ class RedisCounts:
         try:
             vals = await self.conn.call(lambda: self.conn.client.hmget(pool_keys(pool)[0], list(candidates)))
         except RedisUnavailable:
-            return await self.mine.counts(pool, candidates)
+            mine = self.mine.get(pool, {})
+            return {a: mine.get(a, 0) for a in candidates}
         return {a: int(v or 0) for a, v in zip(candidates, vals)}
 
     async def resync(self) -> None:
@@ -258,7 +276,7 @@ class RedisCounts:
         futs = []
         for pool in list(self.pools):
             args: list = [self.instance, self.lease_ms]
-            for a, n in self.mine._n.get(pool, {}).items():
+            for a, n in self.mine.get(pool, {}).items():
                 args += [a, n]
             f = client.send_now("EVAL", RESYNC, 3, *pool_keys(pool), *args)
             if f is None:  # the connection dropped since the ping
@@ -272,4 +290,4 @@ class RedisCounts:
             self._resync_needed = True
             return
         self._resync_needed = False
-        stats.count(self._label, "resync")
+        self._events(self._label, "resync")

@@ -1,33 +1,78 @@
-"""Shared store instances, so policies on the same store share state.
+"""The state stores of one gateway, shared per store URL so policies on one store share state.
 
 ``global_least_request`` and ``prefix_cache`` on one route must see the same in-flight
-counts; ``counts_for`` returns one object per store URL (one process-wide memory store;
-one Redis-backed store per Redis URL and timeout).
+counts; ``counts`` returns one object per store (``LocalCounts`` over the core's own
+in-flight counter for ``memory``; one ``RedisCounts`` per Redis URL and timeout). Redis
+connections and prefix indexes are shared the same way. One ``StateStores`` belongs to one
+event loop (a Redis client cannot cross loops); the gateway owns it, so tests and
+benchmarks that run several gateways in turn get separate state.
 """
 
 from __future__ import annotations
 
-import asyncio
-import weakref
-
-from .counts import GlobalCounts, MemoryCounts
-
-# Per event loop: one process normally has one, but tests and benchmarks run several in
-# turn, and Redis clients (and the counts of requests they track) belong to one loop.
-_STORES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
+from .counts import GlobalCounts, LocalCounts
+from .inflight import LocalInflight
+from .prefix_index import MemoryPrefixIndex, PrefixIndex
+from .redis_conn import RedisConn
 
 
-def counts_for(url: str, timeout: float = 0.05, lease_ttl: float = 10.0) -> GlobalCounts:
-    stores = _STORES.setdefault(asyncio.get_running_loop(), {})
-    if url == "memory":
-        c = stores.get("memory")
+class StateStores:
+    def __init__(self, inflight: LocalInflight | None = None) -> None:
+        self.inflight = inflight or LocalInflight()
+        # (store, event) -> count: Redis errors answered with local state (local_pick,
+        # local_count) and resynchronisations after an outage (resync).
+        self.events: dict[tuple[str, str], int] = {}
+        self._local = LocalCounts(self.inflight)
+        self._conns: dict[tuple[str, float], RedisConn] = {}
+        self._counts: dict[tuple[str, float], GlobalCounts] = {}
+        self._local_prefix: dict[int, MemoryPrefixIndex] = {}
+        self._redis_prefix: dict[tuple[str, float], PrefixIndex] = {}
+
+    def count(self, store: str, event: str) -> None:
+        k = (store, event)
+        self.events[k] = self.events.get(k, 0) + 1
+
+    def connection(self, url: str, timeout: float = 0.05) -> RedisConn:
+        """One bounded, breaker-guarded connection per (URL, timeout)."""
+        key = (url, timeout)
+        c = self._conns.get(key)
         if c is None:
-            c = stores["memory"] = MemoryCounts()
+            c = self._conns[key] = RedisConn(url, timeout)
         return c
-    key = (url, timeout)
-    c = stores.get(key)
-    if c is None:
-        from .redis_counts import RedisCounts
 
-        c = stores[key] = RedisCounts(url, timeout=timeout, lease_ttl=lease_ttl, fallback=MemoryCounts())
-    return c
+    def counts(self, url: str, timeout: float = 0.05, lease_ttl: float = 10.0) -> GlobalCounts:
+        if url == "memory":
+            return self._local
+        key = (url, timeout)
+        c = self._counts.get(key)
+        if c is None:
+            from .redis_counts import RedisCounts
+
+            c = self._counts[key] = RedisCounts(self.connection(url, timeout), lease_ttl=lease_ttl, events=self.count)
+        return c
+
+    def local_prefix_index(self, max_entries: int) -> MemoryPrefixIndex:
+        """The process-local prefix index (kept across reloads; keys are namespaced by pool)."""
+        idx = self._local_prefix.get(max_entries)
+        if idx is None:
+            idx = self._local_prefix[max_entries] = MemoryPrefixIndex(max_entries)
+        return idx
+
+    def prefix_index(self, url: str, timeout: float = 0.05) -> PrefixIndex | None:
+        """The shared prefix index of a Redis store (None for ``memory``)."""
+        if url == "memory":
+            return None
+        key = (url, timeout)
+        idx = self._redis_prefix.get(key)
+        if idx is None:
+            from .prefix_index import RedisPrefixIndex
+
+            idx = self._redis_prefix[key] = RedisPrefixIndex(self.connection(url, timeout))
+        return idx
+
+    async def close(self) -> None:
+        for c in self._conns.values():
+            await c.close()
+        self._conns.clear()
+        self._counts.clear()
+        self._redis_prefix.clear()

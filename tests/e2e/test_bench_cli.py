@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from extproc.devstack import ROOT
+from harness import ROOT
 
 pytestmark = pytest.mark.e2e
 

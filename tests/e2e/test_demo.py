@@ -17,13 +17,14 @@ import pytest
 import yaml
 
 import harness as h
-from extproc.demo import wait_until
+from aibench.demo_stack import wait_until
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-ENVOY_COMPOSE = ROOT / "envoy" / "envoy-compose.yaml"
-AI_LB_COMPOSE = ROOT / "envoy" / "ai-lb-compose.yaml"
+REFERENCE = ROOT / "extproc" / "envoy" / "reference"
+ENVOY_COMPOSE = REFERENCE / "envoy-compose.yaml"
+AI_LB_COMPOSE = REFERENCE / "ai-lb-compose.yaml"
 CHAT = "/v1/chat/completions"
 
 
@@ -135,7 +136,7 @@ def test_compose_file_wires_the_services_together():
         for v in s.get("volumes", []):
             src = v.split(":")[0]
             assert (ROOT / src).exists(), f"{name}: mounts missing {src}"
-    assert "./envoy/envoy-compose.yaml:/etc/envoy/envoy.yaml:ro" in svc["envoy"]["volumes"]
+    assert "./extproc/envoy/reference/envoy-compose.yaml:/etc/envoy/envoy.yaml:ro" in svc["envoy"]["volumes"]
     assert svc["ai-lb"]["command"] == ["serve", "-c", "/etc/ai-lb/ai-lb.yaml"]
     assert any(v.endswith(":/etc/ai-lb/ai-lb.yaml:ro") for v in svc["ai-lb"]["volumes"])
     # The simulator's command must parse with the real CLI and give the ports Envoy expects.

@@ -12,7 +12,7 @@ import redis
 
 import harness as h
 from extproc.state.redis_counts import pool_keys
-from redis_server import RedisServer
+from aibench.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 CHAT = "/v1/chat/completions"

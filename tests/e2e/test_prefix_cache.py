@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 import harness as h
-from redis_server import RedisServer
+from aibench.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-from extproc import Policy, register_policy
+from extproc import Policy, PolicyConfig, register_policy
 
 
 @dataclass(frozen=True)
-class ModelPinConfig:
+class ModelPinConfig(PolicyConfig):
     salt: str = ""
 
 

@@ -10,15 +10,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
-from extproc.config import ConfigError, RouteConfig, build_config, parse_config, policy_config
-from extproc.context import RequestContext
-from extproc.endpoints import EndpointDirectory
-from extproc.policies import PolicyEnv, registry
-from extproc.policies.base import ClusterPick
+from extproc.config import ConfigError, RouteConfig, policy_config
+from extproc.runtime import build_config, parse_config
+from extproc.core import RequestContext
+from extproc.policies import PolicyEnv, registry  # noqa: F401
+from extproc.core import ClusterPick
 from extproc.policies.cluster_metrics import ClusterMetrics, _ReqState
-from extproc.processor import Processor
+from extproc.envoy.processor import Processor
 from extproc.runtime import Runtime
-from extproc.state import MemoryInflight
 from extproc.telemetry import Telemetry
 
 FIXTURE = Path("/work/shared/fixtures/vllm-0.32-chat-stream.txt")
@@ -36,8 +35,7 @@ class Clock:
 def make(mode="LeastTotalLatency", services=ABC, **cfg):
     raw = {"mode": mode, "service_list": list(services), **cfg}
     conf = policy_config(ClusterMetrics.Config, raw)
-    p = ClusterMetrics(conf, PolicyEnv(route=RouteConfig(name="r", lb_policy="cluster_metrics", lb_type="cluster"),
-                                       inflight=MemoryInflight()))
+    p = ClusterMetrics(conf, PolicyEnv.standalone(RouteConfig(name="r", lb_policy="cluster_metrics", lb_type="cluster")))
     p._clock = Clock()
     return p
 
@@ -287,15 +285,15 @@ def test_rate_limit_is_a_time_window_not_a_pick_count():
     assert c["b"] >= 4
     # After the window has passed, those picks no longer count: a is free again.
     p._clock.t += 11
-    assert len(p.picks) == 10
+    assert len(p.share._picks) == 10
     assert pick(p).cluster == "a" and pick(p).cluster == "a"
-    assert len(p.picks) == 2  # old picks expired
+    assert len(p.share._picks) == 2  # old picks expired
 
 
 def test_rate_limit_one_records_nothing():
     p = make("LeastBusy", services=["a", "b"])
     counts(p, 50)
-    assert len(p.picks) == 0
+    assert len(p.share._picks) == 0
 
 
 # -- through the processor (fake ext_proc stream) -------------------------------------------
@@ -335,12 +333,11 @@ def _resp_body(data, eos):
 @pytest.mark.parametrize("mode", ["LeastBusy", "LeastFirstTokenLatency"])
 async def test_processor_overwrites_cluster_header_and_subscribes_per_mode(mode):
     tel = Telemetry(fallback_log_interval=0)
-    infl = MemoryInflight()
-    rt = Runtime(EndpointDirectory(), infl)
+    rt = Runtime()
     await rt.apply(parse_config(
         "routes:\n  multi: {lb_type: cluster, lb_policy: cluster_metrics, "
         f"lb_config: {{mode: {mode}, service_list: [x, y]}}}}\n"))
-    proc = Processor(rt, tel, infl)
+    proc = Processor(rt, tel, rt.load)
     pol = rt.routes["multi"].policy
     msgs = [_headers_msg("multi", **{"x-higress-target-cluster": "evil"}), _resp_headers(200)]
     if mode == "LeastFirstTokenLatency":

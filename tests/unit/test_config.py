@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from extproc.config import ConfigError, parse_config
+from extproc.config import ConfigError
+from extproc.runtime import parse_config
 
 GOOD = """
 server:

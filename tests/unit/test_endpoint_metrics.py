@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from extproc.config import ConfigError, RouteConfig, parse_config, policy_config
-from extproc.context import RequestContext
-from extproc.endpoints import Endpoint
-from extproc.policies import PolicyEnv, registry
-from extproc.policies.base import Fallback
+from extproc.config import ConfigError, RouteConfig, policy_config
+from extproc.runtime import parse_config
+from extproc.core import RequestContext
+from extproc.core import Endpoint
+from core_sim import env
+from extproc.policies import registry
+from extproc.core import Fallback
 from extproc.policies.endpoint_metrics import EndpointMetricsConfig
-from extproc.scrape import EndpointMetrics, LoraState, parse_metrics
-from extproc.state import MemoryInflight
+from extproc.signals.metrics import EndpointMetrics, LoraState, parse_metrics
 
 FIXTURE = Path("/work/shared/fixtures/vllm-0.32-metrics.txt")
 EPS = (Endpoint("10.0.0.1:1"), Endpoint("10.0.0.2:1"), Endpoint("10.0.0.3:1"))
@@ -106,7 +107,12 @@ def test_parser_missing_everything():
 def make(metric_policy="default", **kw):
     cfg = EndpointMetricsConfig(metric_policy=metric_policy, **kw)
     cls = registry.get("metrics_based")
-    return cls(cfg, PolicyEnv(route=RouteConfig(name="r", lb_policy="endpoint_metrics"), inflight=MemoryInflight()))
+    return cls(cfg, env("endpoint_metrics"))
+
+
+def feed(p, states):
+    """Scrape results, as the scraper service would have stored them."""
+    p.env.scrapes.state.update({(a, p.scraper.spec.path): m for a, m in states.items()})
 
 
 def st(waiting=0, running=0, kv=0.0, lora=None, models=("base",), at=None, **extra):
@@ -124,7 +130,7 @@ def ctx(model="base"):
 
 def picks(p, states, n=60, model="base", eps=EPS):
     async def go():
-        p.scraper.state.update(states)
+        feed(p, states)
         out = []
         for _ in range(n):
             for a, m in states.items():  # keep them fresh
@@ -182,7 +188,7 @@ def test_default_without_a_usable_body_still_routes_by_load():
     p = make()
 
     async def go():
-        p.scraper.state.update({A: st(waiting=9), B: st(waiting=0), C: st(waiting=9)})
+        feed(p, {A: st(waiting=9), B: st(waiting=0), C: st(waiting=9)})
         c = RequestContext("r", {})
         c.body = b"{not json"
         return await p.pick(c, EPS)
@@ -200,7 +206,7 @@ def test_least_and_most_on_any_core_metric(metric):
 def test_least_on_an_arbitrary_metric_and_does_not_need_the_body():
     p = make("least", target_metric="vllm:num_preemptions_total")
     assert not p.needs_body
-    assert "vllm:num_preemptions_total" in p.scraper.extra
+    assert "vllm:num_preemptions_total" in p.scraper.spec.extra
     states = {A: st(**{"vllm:num_preemptions_total": 30}), B: st(**{"vllm:num_preemptions_total": 1}),
               C: st(**{"vllm:num_preemptions_total": 20})}
     assert picks(p, states) == {B: 60}
@@ -215,8 +221,7 @@ def test_rate_limit_caps_a_hosts_share_within_the_window_and_forgets_after_it():
     without = picks(make("least", target_metric="vllm:num_requests_running"), states, n=100)
     assert without == {A: 100}
     time.sleep(0.35)  # the window is time, not "the last 100 picks": history expires
-    p._over_limit(time.monotonic())
-    assert len(p._window) == 0 and p._counts == {}
+    assert p._share.over(0.5) == set()  # every old pick has left the window
     assert picks(p, states, n=1) == {A: 1}
 
 
@@ -227,7 +232,7 @@ def test_stale_endpoint_is_unknown_not_zero():
     async def go():
         now = time.monotonic()
         # A looks idle but its data is 5 s old: it must not win on a stale zero.
-        p.scraper.state.update({A: st(running=0, at=now - 5), B: st(running=3, at=now), C: st(running=7, at=now)})
+        feed(p, {A: st(running=0, at=now - 5), B: st(running=3, at=now), C: st(running=7, at=now)})
         return [await p.pick(ctx(), EPS) for _ in range(20)]
     assert set(asyncio.run(go())) == {EPS[1]}
     assert p.stats["stale_endpoints"] == 20
@@ -237,7 +242,7 @@ def test_nothing_known_falls_back():
     p = make()
 
     async def go():
-        p.scraper.state[A] = st(at=time.monotonic() - 10)
+        feed(p, {A: st(at=time.monotonic() - 10)})
         return await p.pick(ctx(), EPS)
     assert asyncio.run(go()) == Fallback("metrics_unavailable")
     assert p.stats["metrics_unavailable"] == 1
@@ -305,9 +310,11 @@ def test_scraper_fetches_goes_stale_on_failure_and_recovers():
         port = site._server.sockets[0].getsockname()[1]
         ep = (Endpoint(f"127.0.0.1:{port}"),)
         p = make("least", target_metric="vllm:num_requests_running", scrape_interval=0.02, stale_after=0.2)
+        await p.env.scrapes.start()
         await p.start()
         try:
             first = await p.pick(ctx(), ep)            # never scraped yet: nothing known
+            p.on_candidates(ep)                        # discovery names the endpoint: scraping starts
             await asyncio.sleep(0.15)
             second = await p.pick(ctx(), ep)
             assert p.scraper.get(ep[0].address).running == 4
@@ -317,10 +324,12 @@ def test_scraper_fetches_goes_stale_on_failure_and_recovers():
             page["status"] = 200
             await asyncio.sleep(0.15)
             fourth = await p.pick(ctx(), ep)
-            return first, second, third, fourth, p.scraper.failures.get(ep[0].address, 0)
+            return first, second, third, fourth, p.env.scrapes.failures.get(ep[0].address, 0)
         finally:
             await p.close()
-            assert not p.scraper._tasks
+            await asyncio.sleep(0.05)
+            assert not p.env.scrapes._tasks  # nobody reads it any more: its scraper stopped
+            await p.env.scrapes.close()
             await runner.cleanup()
 
     first, second, third, fourth, failures = asyncio.run(go())

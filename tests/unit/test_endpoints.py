@@ -1,5 +1,6 @@
 from extproc.config import EndpointsConfig
-from extproc.endpoints import Endpoint, EndpointDirectory, parse_admin_clusters
+from extproc.core import Endpoint, EndpointDirectory
+from extproc.discovery.envoy_admin import parse_admin_clusters
 
 
 def host(ip, port, **health):

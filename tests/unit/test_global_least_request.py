@@ -6,15 +6,13 @@ from collections import Counter
 
 import pytest
 
-from extproc.config import RouteConfig, EndpointsConfig
-from extproc.context import RequestContext
-from extproc.endpoints import Endpoint
-from extproc.policies import PolicyEnv, Reject, registry
-from extproc.policies.global_least_request import Config
-from extproc.state import MemoryCounts, MemoryInflight
+from core_sim import done, env, route
+from extproc.core import Endpoint, Reject, RequestContext
+from extproc.policies import registry
+from extproc.policies.global_least_request import GlobalLeastRequestConfig as Config
 from extproc.state.redis_conn import RedisConn
 from extproc.state.redis_counts import RedisCounts, pool_keys
-from redis_server import RedisServer
+from aibench.redis_server import RedisServer
 
 EPS = [Endpoint(f"10.0.0.{i}:8000") for i in range(1, 5)]
 ADDRS = [e.address for e in EPS]
@@ -22,30 +20,26 @@ ADDRS = [e.address for e in EPS]
 
 def policy(store="memory", **cfg):
     cls = registry.get("global_least_request")
-    env = PolicyEnv(route=RouteConfig(name="r", lb_policy="global_least_request",
-                                      endpoints=EndpointsConfig(cluster="c")), inflight=MemoryInflight(), store_url=store)
-    return cls(Config(**cfg), env)
+    return cls(Config(**cfg), env("global_least_request", cluster="c", store=store))
 
 
 @pytest.mark.asyncio
 async def test_memory_picks_least_and_releases_once():
     p = policy()
-    p.counts = MemoryCounts()
     ctxs = [RequestContext("r", {}) for _ in range(8)]
-    got = [await p.pick(c, EPS) for c in ctxs]
+    got = [await route(p, c, EPS) for c in ctxs]
     assert Counter(e.address for e in got) == {a: 2 for a in ADDRS}
     for c in ctxs[:4]:
-        p.on_done(c)
+        done(p, c)
     assert sum((await p.counts.counts(p.pool, ADDRS)).values()) == 4
 
 
 @pytest.mark.asyncio
 async def test_max_request_count_rejects_with_429_and_counts_nothing():
     p = policy(maxRequestCount=1)
-    p.counts = MemoryCounts()
     for _ in range(4):
-        assert isinstance(await p.pick(RequestContext("r", {}), EPS), Endpoint)
-    d = await p.pick(RequestContext("r", {}), EPS)
+        assert isinstance(await route(p, RequestContext("r", {}), EPS), Endpoint)
+    d = await route(p, RequestContext("r", {}), EPS)
     assert isinstance(d, Reject) and d.status == 429 and "maxRequestCount=1" in d.message
     assert await p.counts.counts(p.pool, ADDRS) == {a: 1 for a in ADDRS}
 
@@ -54,7 +48,8 @@ def test_higress_redis_fields_build_the_store_url_and_validate():
     c = Config(serviceFQDN="redis.static", servicePort=6379, username="default", password="p@ss", database=2)
     assert c.store_url("memory") == "redis://default:p%40ss@redis.static:6379/2"
     assert Config().store_url("redis://x:1/0") == "redis://x:1/0"
-    assert ("servicePort", "required with serviceFQDN") in Config(serviceFQDN="r").validate()
+    assert Config(serviceFQDN="r").store_url("memory") == "redis://r:6379/0"  # Redis's default port
+    assert ("servicePort", "expected a port 1..65535") in Config(serviceFQDN="r", servicePort=0).validate()
 
 
 @pytest.fixture
@@ -65,7 +60,7 @@ def redis_srv(tmp_path):
 
 
 def counts(url, inst, lease=10.0, timeout=1.0):
-    return RedisCounts(url, timeout=timeout, lease_ttl=lease, instance=inst, conn=RedisConn(url, timeout, cooldown=0.3))
+    return RedisCounts(RedisConn(url, timeout, cooldown=0.3), lease_ttl=lease, instance=inst)
 
 
 async def totals(rc, pool="p"):
@@ -130,7 +125,7 @@ async def test_redis_down_is_bounded_then_local_then_resynced(redis_srv):
     rest = (time.perf_counter() - t0) / 20
     assert addr in ADDRS
     assert first < 0.5 and rest < 0.01, (first, rest)
-    assert sum((await a.mine.counts("p", ADDRS)).values()) == 22
+    assert sum(a.mine["p"].values()) == 22
     redis_srv.start()                          # Redis comes back empty
     await asyncio.sleep(0.4)                   # breaker cooldown
     await a.pick_least("p", ADDRS)             # first success triggers the resync

@@ -1,20 +1,24 @@
 import asyncio
 from collections import Counter
 
-from extproc.config import RouteConfig
-from extproc.context import RequestContext
-from extproc.endpoints import Endpoint
-from extproc.policies import PolicyEnv, registry
+import pytest
+
+from core_sim import env
+from extproc.core import Endpoint, RequestContext
+from extproc.policies import Policy, registry
 from extproc.policies.base import NoConfig
-from extproc.state import MemoryInflight
+from extproc.policies.registry import DuplicatePolicy
+from extproc.state import LocalInflight
 
 EPS = [Endpoint("10.0.0.1:1"), Endpoint("10.0.0.2:1"), Endpoint("10.0.0.3:1")]
 
 
 def make(name, inflight=None):
     cls = registry.get(name)
-    env = PolicyEnv(route=RouteConfig(name="r", lb_policy=name), inflight=inflight or MemoryInflight())
-    return cls(NoConfig(), env)
+    e = env(name)
+    if inflight is not None:
+        e.load.inflight = inflight
+    return cls(NoConfig(), e)
 
 
 def picks(policy, n, eps=EPS):
@@ -47,7 +51,7 @@ def test_random_covers_all_endpoints():
 
 
 def test_least_request_picks_fewest_in_flight():
-    infl = MemoryInflight()
+    infl = LocalInflight()
     for _ in range(3):
         infl.inc(EPS[0].address)
     infl.inc(EPS[1].address)
@@ -61,9 +65,35 @@ def test_least_request_breaks_ties_at_random():
     assert len(c) == 3 and min(c.values()) > 50
 
 
-def test_memory_inflight_never_negative():
-    infl = MemoryInflight()
+def test_local_inflight_never_negative():
+    infl = LocalInflight()
     infl.dec("a")
     assert infl.get("a") == 0
     infl.inc("a")
     assert infl.get("a") == 1
+
+
+def test_registry_rejects_a_second_policy_under_a_taken_name():
+    class Impostor(Policy):
+        name = "round_robin"
+
+    with pytest.raises(DuplicatePolicy, match="round_robin"):
+        registry.register(Impostor)
+    assert registry.get("round_robin").__name__ == "RoundRobin"
+    registry.register(registry.get("round_robin"))  # the same class again: harmless
+
+
+def test_registry_requires_a_config_with_validate():
+    class NoValidate(Policy):
+        name = "test_no_validate"
+        Config = dict
+
+    with pytest.raises(TypeError, match="validate"):
+        registry.register(NoValidate)
+    assert "test_no_validate" not in registry.names()
+
+
+def test_every_builtin_policy_lives_in_a_module_named_like_it():
+    for name in registry.BUILTIN:
+        cls = registry.get(name)
+        assert cls.name == name and cls.__module__ == f"extproc.policies.{name}"

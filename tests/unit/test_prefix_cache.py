@@ -4,14 +4,17 @@ import uuid
 
 import pytest
 
-from extproc.config import ConfigError, EndpointsConfig, RouteConfig, parse_config, policy_config
-from extproc.context import RequestContext
-from extproc.endpoints import Endpoint
+from extproc.config import ConfigError, EndpointsConfig, RouteConfig, policy_config
+from extproc.runtime import parse_config
+from extproc.core import RequestContext
+from extproc.core import Endpoint
 from extproc.policies import PolicyEnv, registry
-from extproc.policies.prefix_cache import PrefixCacheConfig, request_keys
-from extproc.state import MemoryInflight
+from extproc.policies.prefix_cache import PrefixCacheConfig
+from extproc.signals.prefix_keys import request_keys
+from core_sim import done as core_done
+from core_sim import route
 from extproc.state.prefix_index import MemoryPrefixIndex, RedisPrefixIndex
-from redis_server import RedisServer
+from aibench.redis_server import RedisServer
 
 EPS = [Endpoint("10.0.0.1:1"), Endpoint("10.0.0.2:1"), Endpoint("10.0.0.3:1")]
 A = [e.address for e in EPS]
@@ -142,7 +145,25 @@ def make(store="memory", route=None, cluster="llm", **lb):
     route = route or f"r-{uuid.uuid4().hex[:8]}"
     cls = registry.get("prefix_cache")
     rc = RouteConfig(name=route, lb_policy="prefix_cache", lb_config=lb, endpoints=EndpointsConfig(cluster=cluster))
-    return cls(policy_config(cls.Config, lb), PolicyEnv(route=rc, inflight=MemoryInflight(), store_url=store))
+    return cls(policy_config(cls.Config, lb), PolicyEnv.standalone(rc, store_url=store))
+
+
+async def busy(p, addr, n=1):
+    """``n`` more requests in flight on ``addr``, counted where the policy reads load: the
+    core's own counts (memory) or the shared Redis counts (another gateway's requests)."""
+    for _ in range(n):
+        if p.env.store_url == "memory":
+            p.env.load.begin(addr)
+        else:
+            await p.counts.incr(p.pool, addr)
+
+
+async def unbusy(p, addr, n=1):
+    for _ in range(n):
+        if p.env.store_url == "memory":
+            p.env.load.end(addr)
+        else:
+            await p.counts.decr(p.pool, addr)
 
 
 def req(p, doc):
@@ -153,9 +174,9 @@ def req(p, doc):
 
 async def pick(p, doc, eps=EPS, done=True):
     ctx = req(p, doc)
-    e = await p.pick(ctx, eps)
+    e = await route(p, ctx, eps)
     if done:
-        p.on_done(ctx)
+        core_done(p, ctx)
     return e.address
 
 
@@ -174,8 +195,9 @@ def test_config_accepts_higress_fields():
                                           "password": "p@ss", "timeout": 20, "database": 2, "redisKeyTTL": 60})
     assert c.timeout == 20.0 and c.redisKeyTTL == 60 and c.servicePort == 6380
     p = make(**{"serviceFQDN": "redis.svc", "servicePort": 6380, "password": "p@ss", "database": 2})
-    assert p.store_url == "redis://:p%40ss@redis.svc:6380/2"
-    assert make().store_url == "memory" and make().config.redisKeyTTL == 1800 and make().timeout_s == 0.05
+    assert p.config.store_url(p.env.store_url) == "redis://:p%40ss@redis.svc:6380/2"
+    m = make()
+    assert m.config.store_url(m.env.store_url) == "memory" and m.config.redisKeyTTL == 1800 and m.config.timeout_s == 0.05
     with pytest.raises(ConfigError) as ei:
         parse_config("routes:\n  llm:\n    lb_policy: prefix_cache\n    endpoints: {static: ['1.2.3.4:1']}\n"
                      "    lb_config: {redisKeyTTL: 0, chunk_chars: -1, bogus: 1}\n")
@@ -209,19 +231,17 @@ def test_no_match_goes_to_least_loaded_and_is_counted(store):
         await p.start()
         try:
             for a, n in ((A[0], 2), (A[1], 1)):
-                for _ in range(n):
-                    await p.counts.incr(p.pool, a)
+                await busy(p, a, n)
             ctx = req(p, chat("fresh conversation"))
-            e = await p.pick(ctx, EPS)
+            e = await route(p, ctx, EPS)
             assert e.address == A[2]
             assert (await p.counts.counts(p.pool, A))[A[2]] == 1
-            p.on_done(ctx)
+            core_done(p, ctx)
             p.on_done(ctx)  # a second call must not count down twice
             await asyncio.sleep(0.05)
             assert (await p.counts.counts(p.pool, A)) == {A[0]: 2, A[1]: 1, A[2]: 0}
             # the prefix now sticks to A[2] even though it is no longer the least loaded
-            for _ in range(3):
-                await p.counts.incr(p.pool, A[2])
+            await busy(p, A[2], 3)
             assert await pick(p, chat("fresh conversation", "a", "more")) == A[2]
         finally:
             await p.close()
@@ -241,11 +261,9 @@ def test_deepest_healthy_match_wins_and_stale_is_overwritten(store):
             assert await p.index.match(p.pool, k, A, 1800) == (3, A[1])  # depth 3 written with it
             # A[1] goes down: the walk stops at depth 1 (A[0]); depths 2..3 are rewritten.
             # A[0] is the busier one, so only the prefix match can send it there.
-            await p.counts.incr(p.pool, A[0])
-            await p.counts.incr(p.pool, A[0])
+            await busy(p, A[0], 2)
             assert await pick(p, doc, eps=[EPS[0], EPS[2]]) == A[0]
-            await p.counts.decr(p.pool, A[0])
-            await p.counts.decr(p.pool, A[0])
+            await unbusy(p, A[0], 2)
             assert await p.index.match(p.pool, k, A, 1800) == (3, A[0])
             # A[1] back: the conversation stays where it moved
             assert await pick(p, doc) == A[0]
@@ -265,8 +283,8 @@ def test_routes_and_models_do_not_share_prefixes():
         first = await pick(p, chat("shared", model="m1"))
         # same route, other model: no match, so it goes to the least loaded (any, idle)
         ctx = req(p, chat("shared", model="m2"))
-        await p.pick(ctx, EPS)
-        p.on_done(ctx)
+        await route(p, ctx, EPS)
+        core_done(p, ctx)
         assert (p.stats["hit"], p.stats["miss"], p.stats["index_fallback"]) == (0, 2, 0)
         await pick(p, chat("shared", model="m1"))
         assert p.stats["hit"] == 1
@@ -285,11 +303,11 @@ def test_affinity_yields_when_its_endpoint_is_overloaded():
         home = await pick(p, chat("hot prefix"))
         held = [req(p, chat("hot prefix", "a", f"turn {i}")) for i in range(3)]
         for ctx in held:                    # three in flight on the prefix's endpoint
-            assert (await p.pick(ctx, EPS)).address == home
+            assert (await route(p, ctx, EPS)).address == home
         elsewhere = await pick(p, chat("hot prefix", "a", "one more"))
         assert elsewhere != home and p.stats["imbalanced"] == 1
         for ctx in held:
-            p.on_done(ctx)
+            core_done(p, ctx)
         assert await pick(p, chat("hot prefix", "a", "later")) in (home, elsewhere)  # affinity again
         assert p.stats["imbalanced"] == 1
     asyncio.run(go())
@@ -315,7 +333,7 @@ def test_completions_and_tool_calls_route_by_prefix():
 
 
 def test_bad_body_falls_back_with_its_reason():
-    from extproc.context import BodyError
+    from extproc.core import BodyError
 
     async def go():
         p = make()

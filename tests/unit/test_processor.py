@@ -14,13 +14,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 import plugins.model_pin  # noqa: F401 - registers test_model_pin
-from extproc.config import parse_config
-from extproc.endpoints import EndpointDirectory
-from extproc.mutations import DEST_HEADER, DEST_METADATA_NS
+from extproc.runtime import parse_config
+from extproc.envoy.answers import DEST_HEADER, DEST_METADATA_NS
 from extproc.policies import Policy, registry
-from extproc.processor import Processor
+from extproc.envoy.processor import Processor
 from extproc.runtime import Runtime
-from extproc.state import MemoryInflight
 from extproc.telemetry import Telemetry
 
 
@@ -99,10 +97,11 @@ server: {envoy_admin: "http://127.0.0.1:1"}
 
 async def make(policy="round_robin"):
     tel = Telemetry(fallback_log_interval=0)
-    infl = MemoryInflight(on_change=tel.set_inflight)
-    rt = Runtime(EndpointDirectory(), infl)
+    rt = Runtime()
+    infl = rt.load.inflight
+    infl.on_change = tel.set_inflight
     await rt.apply(parse_config(CONFIG % policy))
-    return Processor(rt, tel, infl), rt, infl, tel
+    return Processor(rt, tel, rt.load), rt, infl, tel
 
 
 def dest(resp):

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from extproc.state.resp import RespClient, RespError, encode
-from redis_server import RedisServer
+from aibench.redis_server import RedisServer
 
 
 def test_encoding():

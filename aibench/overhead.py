@@ -5,8 +5,8 @@ gateway. The same gateway Envoy serves both variants: ``/native/...`` has ext_pr
 ``/...`` goes through ai-lb, and runs alternate between them so machine noise hits both.
 Load comes from ``wrk`` (closed loop, fixed connections = concurrency).
 
-    python bench/overhead.py               # full run (~2 min)
-    python bench/overhead.py --quick       # shorter runs
+    python -m aibench.overhead               # full run (~2 min)
+    python -m aibench.overhead --quick       # shorter runs
 
 Prints a table; copy it into docs/benchmarks.md.
 """
@@ -28,11 +28,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from extproc import devstack as ds  # noqa: E402
-
-ds.EXTRA_PYTHONPATH.append(str(ROOT / "tests"))  # the body-reading test policy lives there
+from . import devstack as ds
 
 LUA = """
 wrk.method = "POST"
@@ -123,8 +119,7 @@ def main() -> int:
         cfg_path = tmp / "ai-lb.yaml"
         route = lambda pol: {"llm": {"lb_policy": pol, "endpoints": {"cluster": "llm_backends"}}}  # noqa: E731
         ds.write_ai_lb_config(cfg_path, grpc, metrics, route("round_robin"), envoy_admin_port=admin,
-                              plugins=["plugins.model_pin"], log_level="warning",
-                              server={"fallback_log_interval": 10.0, "reload_interval": 0.2})
+                              log_level="warning", server={"fallback_log_interval": 10.0, "reload_interval": 0.2})
         procs.append(ds.start_ai_lb(tmp, cfg_path, grpc))
         time.sleep(1.0)
         lua = tmp / "post.lua"
@@ -132,7 +127,7 @@ def main() -> int:
         base = f"http://127.0.0.1:{listen}"
         results = []
         cases = [("1 KB chat body", 1024, 32), ("220 KB chat body", 220 * 1024, 20)]
-        policies = [("round_robin", "headers only"), ("test_model_pin", "reads the body")]
+        policies = [("round_robin", "headers only"), ("prefix_cache", "reads the body")]
         print(f"# gateway overhead: {seconds}s x {rounds} round(s) per cell, instant backends x{len(bports)}, "
               f"{os.cpu_count()} CPUs", flush=True)
         for think in think_modes:
@@ -141,7 +136,7 @@ def main() -> int:
                 body.write_bytes(chat_body(size))
                 for pol, what in policies:
                     ds.write_ai_lb_config(cfg_path, grpc, metrics, route(pol), envoy_admin_port=admin,
-                                          plugins=["plugins.model_pin"], log_level="warning",
+                                          log_level="warning",
                                           server={"fallback_log_interval": 10.0, "reload_interval": 0.2})
                     time.sleep(0.8)
                     run_wrk(base + "/v1/chat/completions", body, lua, conc, 1, think)  # warm-up
@@ -187,16 +182,11 @@ def decisions_per_second(seconds: float = 2.0) -> dict[str, float]:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
     from google.protobuf import struct_pb2
 
-    from extproc.config import parse_config
-    from extproc.endpoints import EndpointDirectory
-    from extproc.processor import Processor
-    from extproc.runtime import Runtime
-    from extproc.state import MemoryInflight
+    from extproc.envoy.processor import Processor
+    from extproc.runtime import Runtime, parse_config
     from extproc.telemetry import Telemetry
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(ROOT / "bench"))
-    from decisions import Stream  # the in-process stand-in for Envoy's stream
+    from .decisions import Stream  # the in-process stand-in for Envoy's stream
 
     hdrs = pb.HttpHeaders(end_of_stream=False)
     for k, v in [(":method", "POST"), (":path", "/v1/chat/completions"), (":authority", "llm.example"),
@@ -214,17 +204,17 @@ def decisions_per_second(seconds: float = 2.0) -> dict[str, float]:
 
     out = {}
     for pol, msgs in (("round_robin", [raw_headers]), ("least_request", [raw_headers]),
-                      ("test_model_pin (headers + 1 KB body)", [raw_body, raw_headers])):
+                      ("prefix_cache (headers + 1 KB body)", [raw_body, raw_headers])):
         name = pol.split()[0]
-        cfg = parse_config(f"plugins: [plugins.model_pin]\nroutes: {{llm: {{lb_policy: {name}, endpoints: "
+        cfg = parse_config(f"routes: {{llm: {{lb_policy: {name}, endpoints: "
                            "{static: ['10.0.0.1:8000','10.0.0.2:8000','10.0.0.3:8000','10.0.0.4:8000']}}}")
 
         async def go() -> float:
             tel = Telemetry()
-            infl = MemoryInflight(on_change=tel.set_inflight)
-            rt = Runtime(EndpointDirectory(), infl)
+            rt = Runtime()
+            rt.load.inflight.on_change = tel.set_inflight
             await rt.apply(cfg)
-            p = Processor(rt, tel, infl)
+            p = Processor(rt, tel, rt.load)
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 for _ in range(200):

@@ -2,10 +2,10 @@
 
 Times ``Processor.Process`` for one request (headers, plus a chat body for policies that
 read it) in-process, so it includes context, policy, counts store and answer, but not
-the HTTP/2 transport (see bench/overhead.py for that). Redis is a real redis-server on
+the HTTP/2 transport (see ``aibench.overhead`` for that). Redis is a real redis-server on
 loopback, started here.
 
-    python bench/decisions.py [--seconds 1.5]
+    python -m aibench.decisions [--seconds 1.5]
 """
 
 from __future__ import annotations
@@ -19,21 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
 
-import grpc  # noqa: E402
-from envoy.config.core.v3 import base_pb2  # noqa: E402
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
-from google.protobuf import struct_pb2  # noqa: E402
+from extproc.envoy.processor import Processor
+from extproc.policies import registry
+from extproc.runtime import Runtime, build_config
+from extproc.signals import EndpointMetrics
+from extproc.telemetry import Telemetry
 
-from extproc.config import build_config  # noqa: E402
-from extproc.endpoints import EndpointDirectory  # noqa: E402
-from extproc.policies import registry  # noqa: E402
-from extproc.processor import Processor  # noqa: E402
-from extproc.runtime import Runtime  # noqa: E402
-from extproc.state import MemoryInflight  # noqa: E402
-from extproc.telemetry import Telemetry  # noqa: E402
+from .redis_server import RedisServer
 
 POLICIES = {  # name -> lb_config
     "round_robin": {},
@@ -79,8 +76,7 @@ async def measure(policy: str, store: str, n_eps: int, seconds: float) -> list[f
     cfg = build_config({"store": store, "routes": {"llm": {"lb_policy": policy, "lb_config": POLICIES[policy],
                                                             "endpoints": {"static": eps}}}})
     tel = Telemetry()
-    infl = MemoryInflight()
-    rt = Runtime(EndpointDirectory(), infl)
+    rt = Runtime()
     await rt.apply(cfg)
     pol = rt.routes["llm"].policy
     needs_body = pol.needs_body
@@ -88,12 +84,10 @@ async def measure(policy: str, store: str, n_eps: int, seconds: float) -> list[f
         # The endpoints are fictitious: serve the policy fresh, varied scrapes from memory.
         import random as _r
 
-        from extproc.scrape import EndpointMetrics
-
         fake = {a: EndpointMetrics({"vllm:num_requests_waiting": _r.randint(0, 5), "vllm:num_requests_running": _r.randint(0, 20),
                                     "vllm:kv_cache_usage_perc": _r.random()}) for a in eps}
         pol.scraper.get = lambda addr, now=None: fake.get(addr)
-    p = Processor(rt, tel, infl)
+    p = Processor(rt, tel, rt.load)
     hdr_eos, hdr = headers_msg(True), headers_msg(False)
     bodies = [pb.ProcessingRequest(request_body=pb.HttpBody(body=messages(i), end_of_stream=True)).SerializeToString()
               for i in range(200)]
@@ -114,8 +108,6 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=1.5)
     a = ap.parse_args()
-    from redis_server import RedisServer
-
     srv = RedisServer(Path(tempfile.mkdtemp())).start()
     try:
         print("| policy | store | endpoints | p50 (µs) | p99 (µs) | decisions/s |")

@@ -1,6 +1,4 @@
-"""Scraping model servers' Prometheus ``/metrics`` pages for metric-aware policies.
-
-Two parts:
+"""Reading model servers' Prometheus ``/metrics`` pages: what one scrape says.
 
 * ``parse_metrics(text, extra)``: a hand parser that looks only for the few families a
   policy needs (it runs every ~100 ms per endpoint, so it does not build the whole page:
@@ -9,23 +7,15 @@ Two parts:
   (``vllm:kv_cache_usage_perc`` and the older ``vllm:gpu_cache_usage_perc``) and SGLang
   names, sums the series of every data-parallel engine, and reads LoRA state from
   ``vllm:lora_requests_info`` (the series with the newest timestamp value).
-* ``MetricsScraper``: one asyncio task per endpoint, each fetching ``http://ADDR/metrics``
-  every ``interval`` with a ``timeout``, through one shared aiohttp session. A policy asks
-  ``want(addresses)`` with its candidates; new addresses are scraped from the next tick,
-  addresses not wanted for ``idle_stop`` seconds stop being scraped. ``get(addr)``
-  returns the last good sample only while it is younger than ``stale_after``: a failed or
-  old scrape is *unknown*, never zero.
+
+Fetching is ``scraper.ScraperService``'s job.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
-
-log = logging.getLogger("ai_lb.scrape")
 
 # Canonical quantity -> accepted metric names, in order of preference (first present wins).
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
@@ -177,112 +167,3 @@ def parse_metrics(text: str, extra: Iterable[str] = ()) -> EndpointMetrics:
             mx = 0
         lora = LoraState(frozenset(act), mx)
     return EndpointMetrics(values, lora, frozenset(models))
-
-
-class MetricsScraper:
-    """Background scraper; owned by one policy instance (``start`` / ``close``)."""
-
-    def __init__(self, *, interval: float = 0.1, timeout: float = 0.5, stale_after: float = 1.0,
-                 path: str = "/metrics", extra: Iterable[str] = (), idle_stop: float = 30.0,
-                 scheme: str = "http") -> None:
-        self.interval = interval
-        self.timeout = timeout
-        self.stale_after = stale_after
-        self.path = path if path.startswith("/") else "/" + path
-        self.extra = tuple(extra)
-        self.idle_stop = idle_stop
-        self.scheme = scheme
-        self.state: dict[str, EndpointMetrics] = {}
-        self.failures: dict[str, int] = {}       # address -> failed scrapes (cumulative)
-        self.errors: dict[str, str] = {}         # address -> last error
-        self._wanted: dict[str, float] = {}      # address -> last time a policy asked for it
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._session = None
-        self._closed = False
-
-    # -- used by the policy on every pick: must be cheap ------------------------------
-    def want(self, addresses: Iterable[str]) -> None:
-        now = time.monotonic()
-        w = self._wanted
-        for a in addresses:
-            w[a] = now
-            if a not in self._tasks and not self._closed:
-                self._spawn(a)
-
-    def get(self, address: str, now: float | None = None) -> EndpointMetrics | None:
-        """The last good sample if fresh, else None (unknown)."""
-        m = self.state.get(address)
-        if m is None:
-            return None
-        if (now if now is not None else time.monotonic()) - m.at > self.stale_after:
-            return None
-        return m
-
-    # -- lifecycle ---------------------------------------------------------------------
-    async def start(self) -> None:
-        import aiohttp
-
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
-            timeout=aiohttp.ClientTimeout(total=self.timeout))
-        for a in list(self._wanted):
-            self._spawn(a)
-
-    async def close(self) -> None:
-        self._closed = True
-        tasks = list(self._tasks.values())
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            try:
-                await t
-            except BaseException:  # noqa: BLE001 - cancelled or already failed
-                pass
-        self._tasks.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _spawn(self, address: str) -> None:
-        if self._session is None:
-            return  # not started yet; start() spawns what is wanted
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._tasks[address] = loop.create_task(self._loop(address), name=f"scrape {address}")
-
-    async def scrape_once(self, address: str) -> EndpointMetrics:
-        async with self._session.get(f"{self.scheme}://{address}{self.path}") as r:
-            if r.status != 200:
-                raise RuntimeError(f"HTTP {r.status}")
-            text = await r.text(errors="replace")
-        m = parse_metrics(text, self.extra)
-        self.state[address] = m
-        return m
-
-    async def _loop(self, address: str) -> None:
-        failing = False
-        try:
-            while not self._closed:
-                t0 = time.monotonic()
-                if t0 - self._wanted.get(address, 0.0) > self.idle_stop:
-                    self.state.pop(address, None)
-                    return
-                try:
-                    await self.scrape_once(address)
-                    if failing:
-                        log.info("metrics scrape of %s recovered", address)
-                    failing = False
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - the endpoint becomes unknown when stale
-                    self.failures[address] = self.failures.get(address, 0) + 1
-                    self.errors[address] = f"{type(e).__name__}: {e}"[:200]
-                    if not failing:
-                        log.warning("metrics scrape of %s failed: %s", address, self.errors[address])
-                    failing = True
-                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
-        finally:
-            if self._tasks.get(address) is asyncio.current_task():
-                del self._tasks[address]

@@ -14,7 +14,7 @@ Measured:
    full core or falls behind the simulated GPU (engine "efficiency" < 0.9: the sum of
    simulated step time over elapsed simulated time of saturated engines).
 
-Usage: python bench/sim_bench.py [--quick] [--max-level-s 6]
+Usage: python -m aibench.sim_cost [--quick] [--max-level-s 6]
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ from typing import Any
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vllmsim.testing import SubprocessCluster, run_cluster_subprocess  # noqa: E402
+from vllmsim.testing import SubprocessCluster, run_cluster_subprocess
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -1,4 +1,4 @@
-"""Candidate endpoints per route: static lists and Envoy admin discovery.
+"""Endpoint discovery from Envoy's admin API (``/clusters?format=json``).
 
 Envoy is the source of truth for health (active health checks, outlier detection), so
 discovered hosts carry Envoy's health flags and an unhealthy host is never offered to a
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
-from .config import EndpointsConfig
+from ..core.directory import EndpointDirectory
+from ..core.endpoint import Endpoint
 
-log = logging.getLogger("ai_lb.endpoints")
+log = logging.getLogger("ai_lb.discovery")
 
 # Envoy health flags (admin /clusters?format=json) that take a host out of rotation.
 _UNHEALTHY_FLAGS = (
@@ -27,17 +27,6 @@ _UNHEALTHY_FLAGS = (
     "active_hc_timeout",
 )
 _HEALTHY_EDS = ("HEALTHY", "UNKNOWN", None)
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One upstream host as Envoy's override_host policy understands it (``ip:port``)."""
-
-    address: str
-    healthy: bool = True
-
-    def __str__(self) -> str:
-        return self.address
 
 
 def parse_admin_clusters(doc: Mapping[str, Any]) -> dict[str, tuple[Endpoint, ...]]:
@@ -54,40 +43,6 @@ def parse_admin_clusters(doc: Mapping[str, Any]) -> dict[str, tuple[Endpoint, ..
             eps.append(Endpoint(f"{sa['address']}:{sa.get('port_value', 0)}", healthy))
         out[cs.get("name", "")] = tuple(eps)
     return out
-
-
-class EndpointDirectory:
-    """Resolves a route's endpoint config to its healthy candidates.
-
-    ``version`` changes whenever discovery does; routes cache their candidates per version
-    (``RouteRuntime.candidates``), so resolving happens once per change, not per request.
-    """
-
-    def __init__(self) -> None:
-        self._clusters: dict[str, tuple[Endpoint, ...]] = {}
-        self.discovered_once = False
-        self.version = 0  # bumped on every change, so callers can cache per version
-
-    def update_clusters(self, clusters: dict[str, tuple[Endpoint, ...]]) -> bool:
-        self.discovered_once = True
-        if clusters == self._clusters:
-            return False
-        self._clusters = clusters
-        self.version += 1
-        return True
-
-    def candidates(self, cfg: EndpointsConfig) -> tuple[Endpoint, ...]:
-        return tuple(e for e in self.all_known(cfg) if e.healthy)
-
-    def all_known(self, cfg: EndpointsConfig) -> tuple[Endpoint, ...]:
-        """Every endpoint of the route, healthy or not (for status pages and metrics)."""
-        if cfg.cluster is None:
-            return tuple(Endpoint(a) for a in cfg.static)
-        eps = self._clusters.get(cfg.cluster, ())
-        if cfg.static:
-            allowed = set(cfg.static)
-            eps = tuple(e for e in eps if e.address in allowed)
-        return eps
 
 
 class EnvoyAdminDiscovery:
@@ -140,7 +95,3 @@ class EnvoyAdminDiscovery:
                 await self._task
             except asyncio.CancelledError:
                 pass
-
-
-def addresses(eps: Iterable[Endpoint]) -> list[str]:
-    return [e.address for e in eps]

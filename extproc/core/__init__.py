@@ -1,0 +1,10 @@
+"""The request-level vocabulary every layer shares: endpoints, the request context, the
+decision a policy returns, and the directory of candidate endpoints per route."""
+
+from .context import BodyError, RequestContext
+from .decision import ClusterPick, Decision, Fallback, Reject
+from .directory import EndpointDirectory
+from .endpoint import Endpoint
+
+__all__ = ["BodyError", "ClusterPick", "Decision", "Endpoint", "EndpointDirectory", "Fallback", "Reject",
+           "RequestContext"]

@@ -1,0 +1,1 @@
+"""Endpoint sources that feed the ``EndpointDirectory``: Envoy's admin API."""
