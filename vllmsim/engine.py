@@ -108,6 +108,9 @@ class Engine:
                        (wall - self._t0) / self.time_scale, wall, notify_every, lora_id)
 
     def add(self, req: Request) -> None:
+        """Queue ``req``; it arrives now (time spent reading remote KV metadata is wall time)."""
+        req.arrival_wall = time.monotonic()
+        req.arrival = (req.arrival_wall - self._t0) / self.time_scale
         self.sched.waiting.append(req)
         self._wake.set()
 

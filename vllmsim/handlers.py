@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 _JSON = "application/json"
 # A \uD800-\uDFFF escape; only bodies that have one are checked for lone surrogates.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def dumps(obj: Any) -> str:

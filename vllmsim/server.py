@@ -145,13 +145,15 @@ class SimServer(InferenceRoutes, AdminRoutes):
         """Create the engine and start listening (binds ``port``; 0 picks a free one)."""
         if self._site is not None:
             return
-        self._build_engine()
         runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None,
                                shutdown_timeout=0.2)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True, backlog=1024)
         try:
             await site.start()
+            if self.port == 0:
+                self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self._build_engine()  # no await since listening: no request can precede it
             if self.kv_transfer is not None:
                 self._side = SideChannel(self.host, self.kv_transfer.side_channel_port(self.index),
                                          self._holds_for)
@@ -160,8 +162,6 @@ class SimServer(InferenceRoutes, AdminRoutes):
             await runner.cleanup()
             await self._drop_engine()
             raise
-        if self.port == 0:
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._runner, self._site = runner, site
 
     async def _drop_engine(self) -> None:
