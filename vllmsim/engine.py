@@ -160,7 +160,9 @@ class Engine:
             now = mono()
             # After idling, react as if instantly to the arrival that woke us, so the
             # wake-up latency of the event loop does not leak into simulated times.
-            start = (plan.latest_arrival_wall or now) if self._was_idle else max(self._next_wall, plan.latest_arrival_wall)
+            # A KV transfer that completed while idle counts as an arrival at its end.
+            arrival = max(plan.latest_arrival_wall, self._t0 + s.last_ready * scale if s.last_ready else 0.0)
+            start = (arrival or now) if self._was_idle else max(self._next_wall, arrival)
             if now - start > MAX_LAG_S:
                 self.lag_dropped_s += now - start
                 start = now

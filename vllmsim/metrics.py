@@ -236,7 +236,11 @@ class EngineMetrics:
             "# TYPE vllm:prompt_tokens_by_source_total counter\n"
             f'vllm:prompt_tokens_by_source_total{{{lab},source="local_compute"}} {_num(self.prompt_computed)}\n'
             f'vllm:prompt_tokens_by_source_total{{{lab},source="local_cache_hit"}} {_num(self.prompt_local_hit)}\n'
-            f'vllm:prompt_tokens_by_source_total{{{lab},source="external_kv_transfer"}} {_num(self.prompt_external)}\n',
+            f'vllm:prompt_tokens_by_source_total{{{lab},source="external_kv_transfer"}} {_num(self.prompt_external)}\n'
+            "# HELP vllm:prompt_tokens_by_source_created Number of prompt tokens by source.\n"
+            "# TYPE vllm:prompt_tokens_by_source_created gauge\n"
+            + "".join(f'vllm:prompt_tokens_by_source_created{{{lab},source="{src}"}} {_num(self.created)}\n'
+                      for src in ("local_compute", "local_cache_hit", "external_kv_transfer")),
             self._counter("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).", self.prompt_cached),
             self._counter("vllm:generation_tokens", "Number of generation tokens processed.", self.generation_tokens),
         ]

@@ -58,6 +58,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.transferring: list[Request] = []  # allocated, waiting for remote KV
+        self.last_ready = 0.0  # simulated time the latest finished transfer completed
 
     def match_prefix_tokens(self, hashes: list[int], prompt_len: int) -> int:
         """How many prompt tokens would hit the prefix cache right now (an oracle)."""
@@ -67,14 +68,11 @@ class Scheduler:
     # ------------------------------------------------------------ scheduling
     def schedule(self, now: float) -> Plan:
         """Pick this step's work (``now``: simulated time at the step's start)."""
-        prof, kv = self.profile, self.kv
-        bs = kv.block_size
-        budget = prof.max_num_batched_tokens
+        prof, kv, running = self.profile, self.kv, self.running
+        bs, budget = kv.block_size, prof.max_num_batched_tokens
         items: list[tuple[Request, int]] = []
-        preempted = False
-        latest_arrival = 0.0
         admitted: list[Request] = []
-        running = self.running
+        preempted, latest_arrival = False, 0.0
         if self.transferring:
             self._finish_transfers(now)
 
@@ -161,6 +159,7 @@ class Scheduler:
         still: list[Request] = []
         for req in self.transferring:
             if req.kv_ready_at is not None and req.kv_ready_at <= now:
+                self.last_ready = max(self.last_ready, req.kv_ready_at)
                 req.status = Status.RUNNING
                 req.num_computed = req.prompt_len - 1  # vLLM recomputes the last token
                 self._publish_blocks(req, req.prompt_len)

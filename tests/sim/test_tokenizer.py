@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -59,6 +60,15 @@ def test_files_load_with_tokenizers_and_give_the_simulators_ids() -> None:
         assert tok.decode(ids) == text  # lossless, bytes included
         assert count_tokens(text) == len(ids)
     assert tokenize("") == []
+
+
+def test_memoised_pieces_equal_whole_text_encoding() -> None:
+    tok = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    rng = random.Random(7)
+    alphabet = "abc XYZ,.\n\té東😀\u0301-'"
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        assert tokenize(text) == tok.encode(text, add_special_tokens=False).ids, repr(text)
 
 
 def test_shipped_files_are_what_the_builder_makes() -> None:
