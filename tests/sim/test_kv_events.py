@@ -178,9 +178,11 @@ async def test_reset_is_published_with_the_next_step_and_lora_fields(sim) -> Non
 @pytest.mark.asyncio
 async def test_replay_returns_past_batches_and_the_end_marker(sim) -> None:
     ctx = zmq.asyncio.Context.instance()
-    probe = ctx.socket(zmq.ROUTER)
-    replay_port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
+    import socket
+
+    with socket.socket() as probe:  # a plain socket releases its port at once (a ZMQ one closes later)
+        probe.bind(("127.0.0.1", 0))
+        replay_port = probe.getsockname()[1]
     sub = Subscriber()
     cfg = sim.make_config(kv_events=KVEventsConfig(
         enable_kv_cache_events=True, endpoint=sub.endpoint,
