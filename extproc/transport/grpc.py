@@ -38,6 +38,15 @@ class GrpcStatusError(Exception):
         self.message = message
 
 
+def whole_message(data: bytes, max_size: int) -> bytes | None:
+    """``data`` is exactly one uncompressed message within the cap: its bytes (the common
+    case, a message per DATA frame: sliced, never buffered), else None."""
+    n = len(data) - 5
+    if n >= 0 and data[0] == 0 and n <= max_size and U32.unpack_from(data, 1)[0] == n:
+        return data[5:]
+    return None
+
+
 class MessageReader:
     """Splits one stream's request bytes into messages (whole, uncompressed, capped)."""
 
@@ -50,11 +59,10 @@ class MessageReader:
     def feed(self, data: bytes) -> list[bytes]:
         """The messages completed by ``data`` (raw, without their 5-byte prefix)."""
         buf = self.buf
-        if not buf and len(data) >= 5:
-            # Fast path: a whole message in one frame (the common case) is sliced, not copied twice.
-            mlen = U32.unpack_from(data, 1)[0]
-            if len(data) == 5 + mlen and data[0] == 0 and mlen <= self.max_size:
-                return [data[5:]]
+        if not buf:
+            raw = whole_message(data, self.max_size)
+            if raw is not None:
+                return [raw]
         out = []
         buf += data
         while len(buf) >= 5:

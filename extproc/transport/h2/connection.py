@@ -94,7 +94,7 @@ class H2ServerConnection(FrameHandlers):
         st = self.streams.get(sid)
         if st is None:
             return  # its bytes were released when the stream went away
-        r = st.recv
+        r = st
         if n <= r.held and r.limit == r.initial and r.unreturned + n < r.initial >> 1:
             r.held -= n  # the hot path of RecvWindow.release, inlined: nothing to send yet
             r.unreturned += n
@@ -114,7 +114,7 @@ class H2ServerConnection(FrameHandlers):
         st = self.streams.get(sid)
         if st is None or st.remote_closed:
             return
-        inc = st.recv.widen(n)
+        inc = st.widen(n)
         if inc:
             self.out.buf.append(window_update(sid, inc))
         if self.recv.available < n:
@@ -164,6 +164,8 @@ class H2ServerConnection(FrameHandlers):
                         self._data(flags, sid, payload, events)
                     elif ftype == 1 and flags & 0x2C == 0x4 and sid:  # END_HEADERS, no padding or priority
                         self._header_block(sid, flags, payload, events)
+                    elif ftype == 3:  # RST_STREAM: Envoy ends every ext_proc stream with one
+                        self._rst_stream(sid, payload, events)
                     else:
                         self._frame(ftype, flags, sid, payload, events)
                 except StreamError as e:
@@ -197,8 +199,8 @@ class H2ServerConnection(FrameHandlers):
             return
         if st.pending is not None:
             self.out.drop(st)
-        if st.recv.held:
-            self._release_conn(st.recv.held)  # its unread bytes are freed with it
+        if st.held:
+            self._release_conn(st.held)  # its unread bytes are freed with it
         if not self.streams:
             self.idle_since = self.clock()
 

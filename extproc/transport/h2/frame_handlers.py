@@ -13,22 +13,24 @@ from .frames import (CONTINUATION, DATA, F_ACK, F_END_HEADERS, F_END_STREAM, GOA
                      rst_code, rst_stream, U32, strip_padding, window_increment, window_update)
 
 from .flow import RecvWindow
-from .outbound import SendState
 
 if TYPE_CHECKING:
     from .connection import H2ServerConnection
 
 
-class StreamState(SendState):
-    """A stream as the connection sees it: both windows and who has finished."""
+class StreamState(RecvWindow):
+    """A stream as the connection sees it: its receive window (it is one, to save an
+    object per stream), its sending side (``outbound.SendState``) and who has finished."""
 
-    __slots__ = ("recv", "remote_closed", "ending", "answered")
+    __slots__ = ("sid", "send_window", "pending", "remote_closed", "ending", "answered")
 
-    def __init__(self, sid: int, send_window: int, recv: RecvWindow) -> None:
-        self.sid = sid  # SendState's fields, set here: one call less per stream
+    def __init__(self, sid: int, send_window: int, window: int, ceiling: int) -> None:
+        self.initial = self.limit = self.available = window  # RecvWindow's fields, set here: a call less
+        self.ceiling = ceiling  # >= window: the connection passes stream_window + one message
+        self.held = self.unreturned = 0
+        self.sid = sid
         self.send_window = send_window
         self.pending = None
-        self.recv = recv
         self.remote_closed = False
         self.ending = False  # our trailers are queued or sent
         self.answered = False  # we sent (or queued) response headers
@@ -93,7 +95,7 @@ class FrameHandlers:
         if st.remote_closed:
             self._release_conn(n)
             raise StreamError(sid, "DATA after END_STREAM", E_STREAM_CLOSED)
-        r = st.recv
+        r = st
         if n > r.available:
             self._release_conn(n)
             raise StreamError(sid, "stream receive window exceeded", E_FLOW_CONTROL_ERROR)
@@ -184,8 +186,8 @@ class FrameHandlers:
             self.out.buf.append(rst_stream(sid, E_REFUSED_STREAM))
             self._count_reset()  # refused streams cost us too: a flood of them is a reset flood
             return
-        st = self.streams[sid] = StreamState(sid, self.out.initial_window,
-                                             RecvWindow(self.limits.stream_window, self._stream_ceiling))
+        st = self.streams[sid] = StreamState(sid, self.out.initial_window, self.limits.stream_window,
+                                             self._stream_ceiling)
         end_stream = flags & F_END_STREAM
         if end_stream:
             st.remote_closed = True

@@ -4,21 +4,18 @@
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from typing import Callable, Protocol
 
 from .frames import (DATA, F_END_HEADERS, F_END_STREAM, HEADERS, MAX_WINDOW, FlowControlError, StreamError,
                      E_FLOW_CONTROL_ERROR, frame)
 
 
-class SendState:
+class SendState(Protocol):
     """A stream's sending side: its window and what waits for window, in order."""
 
-    __slots__ = ("sid", "send_window", "pending")
-
-    def __init__(self, sid: int, window: int) -> None:
-        self.sid = sid
-        self.send_window = window
-        self.pending: collections.deque[tuple[bool, bytes]] | None = None  # (is_trailers, bytes)
+    sid: int
+    send_window: int
+    pending: "collections.deque[tuple[bool, bytes]] | None"  # (is_trailers, bytes), None when empty
 
 
 class Outbound:
@@ -33,8 +30,9 @@ class Outbound:
         self.on_end_sent = on_end_sent  # called once a stream's trailers went out
 
     def take(self) -> bytes:
-        data = b"".join(self.buf)
-        self.buf.clear()
+        buf = self.buf
+        data = buf[0] if len(buf) == 1 else b"".join(buf)
+        buf.clear()
         return data
 
     def data(self, st: SendState, payload: bytes, head: bytes = b"") -> None:

@@ -4,7 +4,7 @@ header, before its payload is buffered; at most one partial frame is ever kept."
 
 from __future__ import annotations
 
-from .frames import PREFACE, SETTINGS, U32, ConnectionProtocolError, FrameSizeError
+from .frames import HDR, PREFACE, SETTINGS, ConnectionProtocolError, FrameSizeError
 
 Frame = tuple[int, int, int, bytes]  # type, flags, stream id, payload
 
@@ -45,20 +45,21 @@ class FrameReader:
                 pos = len(PREFACE)
             n = len(buf)
             max_frame = self.max_frame
+            if not self.settings_seen and n - pos >= 9:
+                if buf[pos + 3] != SETTINGS or buf[pos + 4] & 0x1:
+                    raise ConnectionProtocolError("the client preface must start with SETTINGS")
+                self.settings_seen = True
+            unpack, append = HDR.unpack_from, frames.append
             while n - pos >= 9:
-                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+                hi, lo, ftype, flags, sid = unpack(buf, pos)
+                length = hi << 8 | lo
                 if length > max_frame:
                     raise FrameSizeError(f"frame of {length} bytes exceeds SETTINGS_MAX_FRAME_SIZE {max_frame}")
                 end = pos + 9 + length
                 if end > n:
                     self.need = end - pos
                     break
-                ftype, flags = buf[pos + 3], buf[pos + 4]
-                if not self.settings_seen:
-                    if ftype != SETTINGS or flags & 0x1:
-                        raise ConnectionProtocolError("the client preface must start with SETTINGS")
-                    self.settings_seen = True
-                frames.append((ftype, flags, U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF, buf[pos + 9:end]))
+                append((ftype, flags, sid & 0x7FFFFFFF, buf[pos + 9:end]))
                 pos = end
         except ConnectionProtocolError as e:
             self.error = e

@@ -30,7 +30,7 @@ def test_window_returns_only_as_the_application_consumes():
     for _ in range(4):
         p.send(frame(DATA, 0, 1, chunk))
     assert window_updates(p.take()) == {}  # nothing consumed: nothing given back
-    assert p.conn.streams[1].recv.held == 64000 and p.conn.recv.held == 64000
+    assert p.conn.streams[1].held == 64000 and p.conn.recv.held == 64000
     p.send(frame(DATA, 0, 1, b"x" * 2000))  # over the 65536 stream window
     assert rsts(p.take()) == {1: E_FLOW_CONTROL_ERROR}
     assert p.conn.recv.held == 0  # the reset stream's bytes were freed
@@ -63,7 +63,7 @@ def test_a_message_larger_than_the_stream_window_widens_it_once():
     p.send(frame(DATA, 0, 1, b"\x00" + U32.pack(300_000) + b"x" * 1000))
     p.conn.expect(1, 300_005 - 1005)
     wu = window_updates(p.take())
-    st = p.conn.streams[1].recv
+    st = p.conn.streams[1]
     assert st.available >= 300_005 - 1005 and wu[1] == st.available - (65536 - 1005)
     for _ in range(3):
         p.send(frame(DATA, 0, 1, b"x" * 99_000))
@@ -92,7 +92,7 @@ def test_padding_is_given_back_at_once():
     p.open(1)
     p.send(frame(DATA, 0x8, 1, b"\xc7" + b"ab" + b"\x00" * 0xC7))
     assert p.events[-1] == (ev.DATA, 1, b"ab", 0)
-    assert p.conn.streams[1].recv.held == 2
+    assert p.conn.streams[1].held == 2
     assert window_updates(p.take()) == {1: 200}  # 1 + 199 padding bytes, over half the window
 
 

@@ -199,7 +199,7 @@ async def test_window_goes_back_only_when_the_handler_reads():
         h.proto.data_received(frame(DATA, 0, 1, grpc_message(b"x" * 295)))
     await settle()
     assert not [f for f in h.t.frames() if f[0] == 8]  # no WINDOW_UPDATE while unread
-    assert h.proto.conn.streams[1].recv.held == 900
+    assert h.proto.conn.streams[1].held == 900
     h.proto.data_received(frame(DATA, 0, 1, grpc_message(b"x" * 200)))  # over the stream window
     frames = h.t.frames()
     assert any(f[0] == RST_STREAM and f[2] == 1 for f in frames)
