@@ -84,6 +84,33 @@ class GrpcStream:
     async def write(self, msg: Any) -> None:
         self.proto.send_message(self, msg.SerializeToString())
 
+    def received(self, data: bytes, end_stream: int) -> None:
+        """Request bytes in: queue the messages they complete, wake the handler. Raises
+        ``GrpcStatusError`` for a message the call cannot take (the call then fails)."""
+        reader = self.reader
+        proto = self.proto
+        if data:
+            raw = g.whole_message(data, proto._max_message) if reader is None else None
+            if raw is not None:
+                raws: Any = (raw,)
+            else:
+                if reader is None:
+                    reader = self.reader = g.MessageReader(proto._max_message)
+                raws = reader.feed(data)
+            for raw in raws:
+                try:
+                    msg = self.method.decode(raw)
+                except Exception as e:  # noqa: BLE001 - a bad message fails its call, not the connection
+                    raise g.GrpcStatusError(g.INTERNAL, f"cannot parse request message: {e}") from None
+                self.msgs.append((msg, len(raw) + 5))
+            if reader is not None and reader.buf:  # a message still incomplete: make room for it
+                proto.conn.expect(self.sid, reader.missing)
+        if end_stream:
+            if reader is not None:
+                reader.finish()
+            self.remote_closed = True
+        self._wake()
+
     def _wake(self) -> None:
         w = self.waiter
         if w is not None and not w.done():
@@ -179,32 +206,10 @@ class H2Protocol(asyncio.Protocol):
                     self._cancel(s)
 
     def _data(self, s: GrpcStream, data: bytes, end_stream: int) -> None:
-        reader = s.reader
         try:
-            if data:
-                raw = g.whole_message(data, self._max_message) if reader is None else None
-                if raw is not None:
-                    raws = (raw,)
-                else:
-                    if reader is None:
-                        reader = s.reader = g.MessageReader(self._max_message)
-                    raws = reader.feed(data)
-                for raw in raws:
-                    try:
-                        msg = s.method.decode(raw)
-                    except Exception as e:  # noqa: BLE001 - a bad message fails its call, not the connection
-                        raise g.GrpcStatusError(g.INTERNAL, f"cannot parse request message: {e}") from None
-                    s.msgs.append((msg, len(raw) + 5))
-                if reader is not None and reader.buf:  # a message still incomplete: make room for it
-                    self.conn.expect(s.sid, reader.missing)
-            if end_stream and reader is not None:
-                reader.finish()
+            s.received(data, end_stream)
         except g.GrpcStatusError as e:
             self._fail(s, e.status, e.message)
-            return
-        if end_stream:
-            s.remote_closed = True
-        s._wake()
 
     async def _run(self, s: GrpcStream) -> None:
         try:
