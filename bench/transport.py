@@ -16,7 +16,8 @@ threads) over the run, divided by the requests wrk completed, is the CPU per str
 Runs alternate between options, in a rotating order, so machine noise hits all of them;
 the table shows medians. Everything binds to 127.0.0.1 and every run is bounded in time.
 
-    python bench/transport.py                  # 5 rounds x 4 s per option and concurrency (~4 min)
+    pip install h2                             # for options b and e
+    python bench/transport.py                  # 5 rounds x 4 s per option and concurrency (~5 min)
     python bench/transport.py --rounds 3 --seconds 3 --options a,b,c --concurrency 16
 """
 
@@ -345,6 +346,11 @@ def main() -> int:
     kinds = a.options.split(",") if a.options else ["a", "b", "c", "d", "e"]
     if "d" in kinds and not (ROOT / "extproc" / "transport" / "__init__.py").exists():
         kinds.remove("d")
+    try:
+        import h2  # noqa: F401 - options b and e only; not a dependency of ai-lb
+    except ImportError:
+        print("# python-hyper h2 not installed (pip install h2): skipping options b and e", flush=True)
+        kinds = [k for k in kinds if k not in "be"]
     tmp = Path(tempfile.mkdtemp(prefix="ai-lb-transport-"))
     procs: dict[str, ds.Proc] = {}
     envoy = None
