@@ -22,7 +22,7 @@ from prometheus_client import start_http_server
 
 from .config import Config, ConfigError, load_config
 from .endpoints import EndpointDirectory, EnvoyAdminDiscovery
-from .h2grpc import EOF, GrpcError, GrpcServer
+from .transport import EOF, GrpcError, GrpcServer
 from .processor import Processor
 from .runtime import Runtime
 from .state import MemoryInflight
