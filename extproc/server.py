@@ -24,7 +24,7 @@ from .config import Config, ConfigError
 from .core import EndpointDirectory
 from .discovery.envoy_admin import EnvoyAdminDiscovery
 from .envoy.processor import Processor
-from .h2grpc import EOF, GrpcError, GrpcServer
+from .transport import EOF, GrpcError, GrpcServer
 from .runtime import Runtime, load_config
 from .signals import LoadView, ScraperService
 from .state import LocalInflight, StateStores
