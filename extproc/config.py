@@ -46,16 +46,46 @@ class PolicyCatalog(Protocol):
 
 
 @dataclass(frozen=True)
+class KubernetesEndpoints:
+    """Endpoints discovered from the Kubernetes API: exactly one of an InferencePool
+    (``inference.networking.k8s.io/v1``: its selector and target port), pods by label
+    selector (``port`` required), or the EndpointSlices of a Service (``port``: a number
+    or a port name; optional when the Service has one port)."""
+
+    namespace: str | None = None  # None: the client's namespace (in a pod: its own)
+    inference_pool: str | None = None
+    selector: tuple[tuple[str, str], ...] = ()
+    service: str | None = None
+    port: int | str | None = None
+
+    @property
+    def key(self) -> str:
+        """The directory's name for this source (what ``cluster`` is for Envoy's)."""
+        ns = self.namespace or ""
+        if self.inference_pool:
+            return f"k8s:{ns}/inferencepools/{self.inference_pool}"
+        if self.service:
+            return f"k8s:{ns}/services/{self.service}:{self.port or ''}"
+        return f"k8s:{ns}/pods/{','.join(f'{k}={v}' for k, v in self.selector)}:{self.port}"
+
+
+@dataclass(frozen=True)
 class EndpointsConfig:
     """Where a route's candidate endpoints come from.
 
     ``static`` lists ``ip:port`` strings; ``cluster`` names an Envoy cluster whose hosts
-    (and their health) are read from Envoy's admin API. Both may be given: the static
-    list then narrows the cluster to those addresses.
+    (and their health) are read from Envoy's admin API; ``kubernetes`` watches the API
+    server. A static list given with either narrows it to those addresses.
     """
 
     static: tuple[str, ...] = ()
     cluster: str | None = None
+    kubernetes: KubernetesEndpoints | None = None
+
+    @property
+    def source(self) -> str | None:
+        """The discovered set this route reads (None: static addresses only)."""
+        return self.kubernetes.key if self.kubernetes is not None else self.cluster
 
 
 @dataclass(frozen=True)
@@ -71,7 +101,7 @@ class RouteConfig:
     def pool(self) -> str:
         """The namespace of this route's shared state (counts, prefix keys): route and
         cluster, as Higress keys its Redis hashes."""
-        return f"{self.name}|{self.endpoints.cluster or 'static'}"
+        return f"{self.name}|{self.endpoints.source or 'static'}"
 
     def policy_key(self) -> tuple:
         """Identity of the policy instance: a reload keeps the instance (and its state)
