@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as _config
-from .config import Config, RouteConfig, policy_config
+from .config import Config, EndpointsConfig, RouteConfig, ServerConfig, policy_config
 from .core import EndpointDirectory
 from .policies import PolicyEnv, registry
 from .policies.base import Policy
@@ -42,9 +42,10 @@ class RouteRuntime:
     """One route's compiled config; read on every request, so plain attributes only."""
 
     __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "needs", "endpoints",
-                 "by_endpoint", "_cand", "_cand_version", "_told")
+                 "by_endpoint", "fallbacks", "_cand", "_cand_version", "_told", "_by_cluster")
 
-    def __init__(self, config: RouteConfig, policy: Policy | None) -> None:
+    def __init__(self, config: RouteConfig, policy: Policy | None, server: ServerConfig | None = None) -> None:
+        server = server or ServerConfig()
         self.name = config.name
         self.config = config
         self.policy = policy
@@ -53,16 +54,26 @@ class RouteRuntime:
         self.endpoints = config.endpoints
         self.by_endpoint = config.lb_type == "endpoint"  # cluster policies get no endpoint candidates
         self.needs_body = bool(policy and policy.needs_body)
-        # What the policy needs to see: (request body, response headers, response body).
-        self.needs: tuple[bool, bool, bool] | None = (
-            policy.needs_body, policy.needs_response_headers, policy.needs_response_body) if policy else None
+        # GIE fallbacks after the pick; the response headers then tell which one served.
+        self.fallbacks = server.fallback_endpoints if config.fallback_endpoints is None else config.fallback_endpoints
+        if not self.by_endpoint:
+            self.fallbacks = 0
+        buffered = (config.body_mode or server.body_mode) == "buffered"
+        # What the policy needs to see: (request body, response headers, response body, BUFFERED).
+        self.needs: tuple[bool, bool, bool, bool] | None = (
+            policy.needs_body, policy.needs_response_headers or self.fallbacks > 0, policy.needs_response_body,
+            buffered) if policy else None
         self._cand: tuple = ()
         self._cand_version = -1
         self._told = False
+        self._by_cluster: dict[str, tuple[int, tuple]] = {}  # route_cluster: Envoy cluster -> (version, candidates)
 
-    def candidates(self, directory: EndpointDirectory) -> tuple:
+    def candidates(self, directory: EndpointDirectory, cluster: str | None = None) -> tuple:
         """Healthy endpoints, re-resolved only when discovery changed something (and then
-        the policy hears of it)."""
+        the policy hears of it). ``cluster``: the Envoy cluster of this request, for routes
+        that read their own cluster (no ``endpoints:`` given)."""
+        if self.endpoints.route_cluster and self.by_endpoint:
+            return self._route_cluster(directory, cluster)
         if self._cand_version != directory.version:
             self._cand_version = directory.version
             new = directory.candidates(self.endpoints) if self.by_endpoint else ()
@@ -71,6 +82,24 @@ class RouteRuntime:
                 if self.policy is not None:
                     self.policy.on_candidates(new)
         return self._cand
+
+    def _route_cluster(self, directory: EndpointDirectory, cluster: str | None) -> tuple:
+        if not cluster:
+            return ()
+        hit = self._by_cluster.get(cluster)
+        if hit is not None and hit[0] == directory.version:
+            return hit[1]
+        new = directory.candidates(EndpointsConfig(cluster=cluster, static=self.endpoints.static))
+        self._by_cluster[cluster] = (directory.version, new)
+        if (hit is None or hit[1] != new) and self.policy is not None:
+            self.policy.on_candidates(tuple({e.address: e for _, c in self._by_cluster.values() for e in c}.values()))
+        return new
+
+    def known(self, directory: EndpointDirectory) -> tuple:
+        """Every endpoint this route has (for metrics and the load view's retention)."""
+        if self.endpoints.route_cluster:
+            return tuple(e for c in self._by_cluster for e in directory.all_known(EndpointsConfig(cluster=c)))
+        return directory.all_known(self.endpoints)
 
 
 class Runtime:
@@ -103,7 +132,7 @@ class Runtime:
         try:
             for name, rc in config.routes.items():
                 if not rc.enabled:
-                    new_routes[name] = RouteRuntime(rc, None)
+                    new_routes[name] = RouteRuntime(rc, None, config.server)
                     continue
                 key = rc.policy_key() + (name, config.store)
                 policy = old.get(key)
@@ -114,7 +143,7 @@ class Runtime:
                                                    scrapes=self.scrapes, store_url=config.store))
                     await policy.start()
                     started.append(policy)
-                new_routes[name] = RouteRuntime(rc, policy)
+                new_routes[name] = RouteRuntime(rc, policy, config.server)
         except Exception:
             for p in started:
                 await _close_quietly(p)
@@ -134,12 +163,14 @@ class Runtime:
         its next request (scrapers follow the fleet even without traffic)."""
         for rt in self.routes.values():
             rt.candidates(self.directory)
+            for cluster in tuple(rt._by_cluster):  # routes that read each request's own cluster
+                rt.candidates(self.directory, cluster)
         self._retain()
 
     def _retain(self) -> None:
         known: set[str] = set()
         for rt in self.routes.values():
-            known.update(e.address for e in self.directory.all_known(rt.endpoints))
+            known.update(e.address for e in rt.known(self.directory))
         self.load.retain(known)
 
     # -- policy ownership: a replaced policy is closed after its last on_done ----------

@@ -20,12 +20,15 @@ from ..core import BodyError, ClusterPick, Endpoint, Fallback, Pick, Reject, Req
 from ..runtime import RouteRuntime, Runtime
 from ..signals import LoadView
 from ..telemetry import RateLimitedLog, Telemetry
+from . import gie
 from .answers import PM, Answers, processing_mode
+from .duplex import FULL_DUPLEX, DuplexBody, streamed
 
 log = logging.getLogger("ai_lb.processor")
 
-ATTR_NAMESPACE = "envoy.filters.http.ext_proc"
-ROUTE_ATTR = "xds.route_name"
+ATTR_NAMESPACE = gie.ATTR_NAMESPACE
+ROUTE_ATTR = gie.ROUTE_ATTR
+SUBSET_EMPTY = "no endpoint of the proxy's subset hint is eligible"
 _EOF = grpc.aio.EOF
 _perf = time.perf_counter
 
@@ -43,7 +46,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
     async def Process(self, request_iterator, context) -> None:  # noqa: N802 - gRPC name
         ctx: RequestContext | None = None
         rt: RouteRuntime | None = None
+        duplex: DuplexBody | None = None  # set when Envoy streams the request body full duplex
+        resp_duplex = False               # ... and the response body
         outcome = "complete"
+        write = context.write
         try:
             while True:
                 req = await context.read()
@@ -51,20 +57,37 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     break
                 kind = req.WhichOneof("request")
                 if kind == "request_headers":
-                    ctx, rt, resp = await self._on_request_headers(req)
+                    pc = req.protocol_config
+                    resp_duplex = pc.response_body_mode == FULL_DUPLEX
+                    if pc.request_body_mode == FULL_DUPLEX and not req.request_headers.end_of_stream:
+                        ctx, rt, duplex, resp = await self._duplex_headers(req)
+                    else:
+                        ctx, rt, resp = await self._on_request_headers(req)
+                    if resp is None:
+                        continue  # the headers answer waits for the whole body
                 elif kind == "request_body":
+                    if duplex is not None:
+                        for r in await self._duplex_body(req, ctx, rt, duplex):
+                            await write(r)
+                        continue
                     resp = await self._on_request_body(req, ctx, rt)
                 elif kind == "response_headers":
                     resp = self._on_response_headers(req, ctx)
                 elif kind == "response_body":
                     resp = self._on_response_body(req, ctx)
+                    if resp_duplex:
+                        resp = streamed(req.response_body.body, req.response_body.end_of_stream, response=True)
                 elif kind == "request_trailers":
+                    if duplex is not None and not duplex.answered:
+                        for r in await self._duplex_end(ctx, rt, duplex, trailers=True):
+                            await write(r)
                     resp = self.answers.request_trailers
                 elif kind == "response_trailers":
+                    self._served(req, ctx)
                     resp = self.answers.response_trailers
                 else:
                     break  # unknown message: stop processing; Envoy carries on without us
-                await context.write(resp)
+                await write(resp)
         except asyncio.CancelledError:
             outcome = "reset"
             raise
@@ -77,24 +100,29 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 self._done(ctx)
 
     # -- request phase -----------------------------------------------------------------
-    async def _on_request_headers(self, req: pb.ProcessingRequest):
+    def _route(self, req: pb.ProcessingRequest):
+        """The request context and route for a headers message (ctx None: ai-lb stays out)."""
         hm = req.request_headers
-        attrs = req.attributes.get(ATTR_NAMESPACE)
-        route_name = ""
-        if attrs is not None:
-            v = attrs.fields.get(ROUTE_ATTR)
-            if v is not None:
-                route_name = v.string_value
+        route_name, cluster = gie.request_attributes(req)
         rt = self.runtime.lookup(route_name)
         if rt is None or not rt.enabled:
             reason = "unknown_route" if rt is None else "route_disabled"
             self.telemetry.fallback(route_name, rt.policy_name if rt else "", reason)
-            return None, rt, self.answers.passthrough("headers")
+            return None, rt
         ctx = RequestContext(route_name, header_map=hm.headers)
+        ctx.cluster_name = cluster
+        ctx.subset = gie.subset_hint(req)
+        return ctx, rt
+
+    async def _on_request_headers(self, req: pb.ProcessingRequest):
+        hm = req.request_headers
+        ctx, rt = self._route(req)
+        if ctx is None:
+            return None, rt, self.answers.passthrough("headers")
         if rt.needs_body and not hm.end_of_stream:
             return ctx, rt, self.answers.passthrough("headers", _mode(rt))
         if rt.needs_body:  # bodyless request on a prompt-reading route: nothing to wait for
-            self.telemetry.fallback(route_name, rt.policy_name, "no_body")
+            self.telemetry.fallback(ctx.route, rt.policy_name, "no_body")
             return ctx, rt, self.answers.passthrough("headers")
         return ctx, rt, await self._decide(ctx, rt, "headers")
 
@@ -111,13 +139,20 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         ctx.body_complete = b.end_of_stream
         return await self._decide(ctx, rt, "body")
 
-    async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str) -> pb.ProcessingResponse:
+    async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str,
+                      duplex: bool = False) -> pb.ProcessingResponse:
         t0 = _perf()
         policy = rt.policy
-        candidates = rt.candidates(self.runtime.directory)
+        mode = _mode(rt) if phase == "headers" and not duplex else None  # full duplex: Envoy's own mode stays
+        candidates = rt.candidates(self.runtime.directory, ctx.cluster_name)
+        if ctx.subset is not None and rt.by_endpoint:
+            candidates = gie.in_subset(candidates, ctx.subset)
+            if not candidates:  # the GIE protocol: nothing eligible in the subset is a 503
+                self.telemetry.rejected(ctx.route, rt.policy_name, 503, _perf() - t0)
+                return self.answers.reject(503, SUBSET_EMPTY)
         if not candidates and rt.by_endpoint:
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
-            return self.answers.passthrough(phase, _mode(rt) if phase == "headers" else None)
+            return self.answers.passthrough(phase, mode)
         try:
             d = await policy.pick(ctx, candidates)
         except BodyError as e:
@@ -132,11 +167,15 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         if isinstance(d, Wait):  # the gateway queue's interface; the processor does not hold requests yet
             d = Fallback("policy_error")
             detail = "Wait decisions are not supported by this processor"
+        named: tuple = ()
         if isinstance(d, Pick):
-            also = d.also
+            also, named = d.also, d.fallbacks
             d = d.endpoint
         else:
             also = ()
+        if isinstance(d, Endpoint) and ctx.subset is not None and d.address not in ctx.subset:
+            d = Fallback("policy_error")  # a policy that ignores its candidates must not leave the subset
+            detail = "picked an endpoint outside the subset hint"
         if isinstance(d, Endpoint):
             ctx.endpoint = d
             ctx.policy = policy
@@ -144,21 +183,65 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             begin, tokens = self.load.begin, ctx.prompt_tokens
             ctx.tickets = (begin(d.address, tokens), *(begin(e.address, tokens) for _, e in also))
             self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
-            return self.answers.pick(phase, d.address, _mode(rt) if phase == "headers" else None)
+            return self.answers.pick(phase, self._destination(d, named, candidates, rt, ctx), mode)
         if isinstance(d, ClusterPick):
             ctx.cluster = d.cluster
             ctx.policy = policy
             self.runtime.acquire(policy)
             self.telemetry.picked(ctx.route, rt.policy_name, d.cluster, _perf() - t0)
-            return self.answers.to_cluster(phase, d.header, d.cluster, _mode(rt) if phase == "headers" else None)
+            return self.answers.to_cluster(phase, d.header, d.cluster, mode)
         if isinstance(d, Reject):
             self.telemetry.rejected(ctx.route, rt.policy_name, d.status, _perf() - t0)
             return self.answers.reject(d.status, d.message)
         self.telemetry.fallback(ctx.route, rt.policy_name, d.reason, detail)
-        return self.answers.passthrough(phase, _mode(rt) if phase == "headers" else None)
+        return self.answers.passthrough(phase, mode)
+
+    def _destination(self, d: Endpoint, named: tuple, candidates: tuple, rt: RouteRuntime, ctx: RequestContext) -> str:
+        """The GIE destination value: the pick, then fallbacks for Envoy's retries."""
+        if rt.fallbacks <= 0 and not named:
+            return d.address
+        pool = candidates if ctx.subset is None else gie.in_subset(candidates, ctx.subset)
+        rest = gie.fallbacks(d, named if ctx.subset is None else gie.in_subset(named, ctx.subset), pool,
+                             rt.fallbacks, self.load.requests)
+        return ",".join((d.address, *rest)) if rest else d.address
+
+    # -- FULL_DUPLEX_STREAMED request bodies (see duplex.py) ---------------------------
+    async def _duplex_headers(self, req: pb.ProcessingRequest):
+        """Headers of a full-duplex request: decide now, or hold the answer for the body."""
+        ctx, rt = self._route(req)
+        if ctx is None:
+            return None, rt, DuplexBody(self.max_body_bytes, held=False), self.answers.passthrough("headers")
+        if rt.needs_body:
+            return ctx, rt, DuplexBody(self.max_body_bytes, held=True), None
+        return ctx, rt, DuplexBody(self.max_body_bytes, held=False), await self._decide(ctx, rt, "headers", duplex=True)
+
+    async def _duplex_body(self, req: pb.ProcessingRequest, ctx: RequestContext | None, rt: RouteRuntime | None,
+                           duplex: DuplexBody) -> list[pb.ProcessingResponse]:
+        b = req.request_body
+        if duplex.answered:  # decided already: every chunk goes straight back
+            return [streamed(b.body, b.end_of_stream)]
+        duplex.add(b.body, b.end_of_stream)
+        if duplex.over_limit:  # too big to parse: native LB, and the body flows on untouched
+            self.telemetry.fallback(ctx.route, rt.policy_name, "body_too_large", f"over {self.max_body_bytes} bytes")
+            return [self.answers.passthrough("headers"), *duplex.release(b.end_of_stream)]
+        if b.end_of_stream:
+            return await self._duplex_end(ctx, rt, duplex)
+        return []
+
+    async def _duplex_end(self, ctx: RequestContext, rt: RouteRuntime, duplex: DuplexBody,
+                          trailers: bool = False) -> list[pb.ProcessingResponse]:
+        """The whole body is in: the pick in the headers answer, then the body, re-chunked."""
+        ctx.body = duplex.body()
+        ctx.body_complete = True
+        first = await self._decide(ctx, rt, "headers", duplex=True)
+        if first.WhichOneof("response") == "immediate_response":
+            duplex.answered = True
+            return [first]  # Envoy answers the client; the body is not needed any more
+        return [first, *duplex.release(end_of_stream=not trailers)]
 
     # -- response phase ----------------------------------------------------------------
     def _on_response_headers(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
+        self._served(req, ctx)
         if ctx is not None and ctx.policy is not None:
             for h in req.response_headers.headers.headers:
                 if h.key == ":status":
@@ -186,6 +269,20 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 self._errlog.warn(("hook", "response_body"), "on_response_body failed: %r", e)
         return self.answers.response_body
 
+    def _served(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> None:
+        """Envoy's report of the endpoint that served (override_host ``selected_host_key``):
+        after a retry to a fallback, the in-flight count moves there."""
+        if ctx is None or ctx.endpoint is None or ctx.served is not None:
+            return
+        served = gie.served_endpoint(req)
+        if served is None:
+            return
+        ctx.served = served
+        if served != ctx.endpoint.address and ctx.tickets:
+            self.telemetry.served_elsewhere(ctx.route)
+            self.load.end(ctx.tickets[0])  # the picked endpoint did not get the request
+            ctx.tickets = (self.load.begin(served, ctx.prompt_tokens), *ctx.tickets[1:])
+
     def _done(self, ctx: RequestContext) -> None:
         if ctx.tickets:
             # Upstream status when seen; a stream that ended without one says nothing about
@@ -203,7 +300,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self.runtime.release(ctx.policy)
 
 
-def _mode(rt: RouteRuntime) -> PM | None:
+def _mode(rt: RouteRuntime) -> PM | None:  # noqa: D401
     """The processing mode the route's policy needs from Envoy (interned per combination)."""
     return processing_mode(*rt.needs) if rt.needs is not None else None
 
