@@ -200,3 +200,25 @@ def test_server_tls_health_listen_fallbacks_body_mode_and_log_format():
     assert "server.fallback_endpoints: must be >= 0" in ps
     assert "routes.r.body_mode: unknown body mode 'streamed'; allowed: buffered_partial, buffered" in ps
     assert "routes.r.fallback_endpoints: expected an integer >= 0, got 'many'" in ps
+
+
+def test_json_logs_are_one_object_per_line(capsys):
+    import json
+    import logging
+
+    from extproc.cli import setup_logging
+
+    setup_logging("info", "json")
+    try:
+        logging.getLogger("ai_lb.test").warning("route %s: %s", "llm", 'quote " and\nnewline')
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("ai_lb.test").exception("failed")
+    finally:
+        setup_logging("warning", "text")
+    lines = capsys.readouterr().err.strip().splitlines()
+    first, second = (json.loads(x) for x in lines)
+    assert first["message"] == 'route llm: quote " and\nnewline' and first["level"] == "warning"
+    assert first["logger"] == "ai_lb.test" and first["time"].endswith("Z")
+    assert second["message"] == "failed" and "ValueError: boom" in second["exception"]
