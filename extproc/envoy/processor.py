@@ -278,8 +278,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         if served is None:
             return
         ctx.served = served
+        self.telemetry.served_report(ctx.route, served == ctx.endpoint.address)
         if served != ctx.endpoint.address and ctx.tickets:
-            self.telemetry.served_elsewhere(ctx.route)
             self.load.end(ctx.tickets[0])  # the picked endpoint did not get the request
             ctx.tickets = (self.load.begin(served, ctx.prompt_tokens), *ctx.tickets[1:])
 
