@@ -42,7 +42,7 @@ class RouteRuntime:
     """One route's compiled config; read on every request, so plain attributes only."""
 
     __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "needs", "endpoints",
-                 "by_endpoint", "fallbacks", "_cand", "_cand_version", "_told", "_by_cluster")
+                 "by_endpoint", "fallbacks", "_cand", "_cand_version", "_told", "_by_cluster", "on_learned")
 
     def __init__(self, config: RouteConfig, policy: Policy | None, server: ServerConfig | None = None) -> None:
         server = server or ServerConfig()
@@ -67,6 +67,7 @@ class RouteRuntime:
         self._cand_version = -1
         self._told = False
         self._by_cluster: dict[str, tuple[int, tuple]] = {}  # route_cluster: Envoy cluster -> (version, candidates)
+        self.on_learned: Any = None  # called when a route_cluster route first sees a cluster
 
     def candidates(self, directory: EndpointDirectory, cluster: str | None = None) -> tuple:
         """Healthy endpoints, re-resolved only when discovery changed something (and then
@@ -91,6 +92,8 @@ class RouteRuntime:
             return hit[1]
         new = directory.candidates(EndpointsConfig(cluster=cluster, static=self.endpoints.static))
         self._by_cluster[cluster] = (directory.version, new)
+        if hit is None and self.on_learned is not None:
+            self.on_learned()
         if (hit is None or hit[1] != new) and self.policy is not None:
             self.policy.on_candidates(tuple({e.address: e for _, c in self._by_cluster.values() for e in c}.values()))
         return new
@@ -117,6 +120,7 @@ class Runtime:
         self.catch_all: RouteRuntime | None = None
         self.config: Config | None = None
         self._active: dict[int, int] = {}  # id(policy) -> requests it still owns
+        self.on_learned: Any = None  # a route that reads its own cluster met a new one (gauges)
         self._retired: dict[int, Policy] = {}
 
     def lookup(self, route_name: str) -> RouteRuntime | None:
@@ -144,6 +148,7 @@ class Runtime:
                     await policy.start()
                     started.append(policy)
                 new_routes[name] = RouteRuntime(rc, policy, config.server)
+                new_routes[name].on_learned = self._learned
         except Exception:
             for p in started:
                 await _close_quietly(p)
@@ -157,6 +162,10 @@ class Runtime:
         self.config = config
         for p in retired:
             self._retire(p)
+
+    def _learned(self) -> None:
+        if self.on_learned is not None:
+            self.on_learned()
 
     def refresh_candidates(self) -> None:
         """Discovery changed: let every route's policy see its new candidates now, not at

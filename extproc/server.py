@@ -57,6 +57,7 @@ class Gateway:
         self.scrapes = ScraperService(on_sample=self.load.on_scrape)
         self.directory = EndpointDirectory()
         self.runtime = Runtime(self.directory, self.load, self.stores, self.scrapes)
+        self.runtime.on_learned = self._update_endpoint_gauges
         self.processor = Processor(self.runtime, self.telemetry, self.load, self.config.server.max_body_bytes)
         self.telemetry.policy_stats = lambda: [(n, r.policy_name, r.policy.stats)
                                                for n, r in self.runtime.routes.items() if r.policy is not None]
