@@ -12,6 +12,8 @@ policies that decide on headers, chunks are returned as they come.
 
 from __future__ import annotations
 
+from typing import Any
+
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from .answers import PM
@@ -62,3 +64,44 @@ class DuplexBody:
         if end_of_stream:
             out[-1] = streamed(data[(len(out) - 1) * CHUNK:], True)
         return out
+
+
+class DuplexRequests:
+    """The request phase of full-duplex streams, for a ``Processor`` (its route lookup,
+    decisions, answers and telemetry)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.p = processor
+
+    async def headers(self, req: pb.ProcessingRequest) -> tuple:
+        """(ctx, route, DuplexBody, answer or None): decide now, or hold for the body."""
+        p = self.p
+        ctx, rt = p._route(req)
+        if ctx is None:
+            return None, rt, DuplexBody(p.max_body_bytes, held=False), p.answers.passthrough("headers")
+        if rt.needs_body:
+            return ctx, rt, DuplexBody(p.max_body_bytes, held=True), None
+        return ctx, rt, DuplexBody(p.max_body_bytes, held=False), await p._decide(ctx, rt, "headers", duplex=True)
+
+    async def body(self, req: pb.ProcessingRequest, ctx: Any, rt: Any, duplex: DuplexBody) -> list[pb.ProcessingResponse]:
+        b = req.request_body
+        if duplex.answered:  # decided already: every chunk goes straight back
+            return [streamed(b.body, b.end_of_stream)]
+        duplex.add(b.body, b.end_of_stream)
+        if duplex.over_limit:  # too big to parse: native LB, and the body flows on untouched
+            p = self.p
+            p.telemetry.fallback(ctx.route, rt.policy_name, "body_too_large", f"over {p.max_body_bytes} bytes")
+            return [p.answers.passthrough("headers"), *duplex.release(b.end_of_stream)]
+        if b.end_of_stream:
+            return await self.end(ctx, rt, duplex)
+        return []
+
+    async def end(self, ctx: Any, rt: Any, duplex: DuplexBody, trailers: bool = False) -> list[pb.ProcessingResponse]:
+        """The whole body is in: the pick in the headers answer, then the body, re-chunked."""
+        ctx.body = duplex.body()
+        ctx.body_complete = True
+        first = await self.p._decide(ctx, rt, "headers", duplex=True)
+        if first.WhichOneof("response") == "immediate_response":
+            duplex.answered = True
+            return [first]  # Envoy answers the client; the body is not needed any more
+        return [first, *duplex.release(end_of_stream=not trailers)]

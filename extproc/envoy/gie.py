@@ -87,3 +87,29 @@ def fallbacks(primary: Endpoint, named: Iterable[Endpoint], candidates: Iterable
     taken = {primary.address, *out}
     rest = sorted((e.address for e in candidates if e.address not in taken), key=lambda a: (requests(a), a))
     return tuple(dict.fromkeys(out + rest[:n - len(out)]))
+
+
+def destination(d: Endpoint, named: tuple, candidates: tuple, n: int, subset: frozenset[str] | None,
+                requests: Callable[[str], int]) -> str:
+    """The destination value for a pick: ``primary[,fallback...]``."""
+    if n <= 0 and not named:
+        return d.address
+    if subset is not None:
+        candidates, named = in_subset(candidates, subset), in_subset(named, subset)
+    rest = fallbacks(d, named, candidates, n, requests)
+    return ",".join((d.address, *rest)) if rest else d.address
+
+
+def note_served(req: Any, ctx: Any, load: Any, telemetry: Any) -> None:
+    """Envoy's report of the endpoint that served (override_host ``selected_host_key``):
+    counted, and after a retry to a fallback the in-flight count moves there."""
+    if ctx is None or ctx.endpoint is None or ctx.served is not None:
+        return
+    served = served_endpoint(req)
+    if served is None:
+        return
+    ctx.served = served
+    telemetry.served_report(ctx.route, served == ctx.endpoint.address)
+    if served != ctx.endpoint.address and ctx.tickets:
+        load.end(ctx.tickets[0])  # the picked endpoint did not get the request
+        ctx.tickets = (load.begin(served, ctx.prompt_tokens), *ctx.tickets[1:])

@@ -22,7 +22,7 @@ from ..signals import LoadView
 from ..telemetry import RateLimitedLog, Telemetry
 from . import gie
 from .answers import PM, Answers, processing_mode
-from .duplex import FULL_DUPLEX, DuplexBody, streamed
+from .duplex import FULL_DUPLEX, DuplexBody, DuplexRequests, streamed
 
 log = logging.getLogger("ai_lb.processor")
 
@@ -42,6 +42,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         self.max_body_bytes = max_body_bytes
         self.answers = Answers()
         self._errlog = RateLimitedLog(10.0)
+        self.duplex = DuplexRequests(self)
 
     async def Process(self, request_iterator, context) -> None:  # noqa: N802 - gRPC name
         ctx: RequestContext | None = None
@@ -60,14 +61,14 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     pc = req.protocol_config
                     resp_duplex = pc.response_body_mode == FULL_DUPLEX
                     if pc.request_body_mode == FULL_DUPLEX and not req.request_headers.end_of_stream:
-                        ctx, rt, duplex, resp = await self._duplex_headers(req)
+                        ctx, rt, duplex, resp = await self.duplex.headers(req)
                     else:
                         ctx, rt, resp = await self._on_request_headers(req)
                     if resp is None:
                         continue  # the headers answer waits for the whole body
                 elif kind == "request_body":
                     if duplex is not None:
-                        for r in await self._duplex_body(req, ctx, rt, duplex):
+                        for r in await self.duplex.body(req, ctx, rt, duplex):
                             await write(r)
                         continue
                     resp = await self._on_request_body(req, ctx, rt)
@@ -79,11 +80,11 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                         resp = streamed(req.response_body.body, req.response_body.end_of_stream, response=True)
                 elif kind == "request_trailers":
                     if duplex is not None and not duplex.answered:
-                        for r in await self._duplex_end(ctx, rt, duplex, trailers=True):
+                        for r in await self.duplex.end(ctx, rt, duplex, trailers=True):
                             await write(r)
                     resp = self.answers.request_trailers
                 elif kind == "response_trailers":
-                    self._served(req, ctx)
+                    gie.note_served(req, ctx, self.load, self.telemetry)
                     resp = self.answers.response_trailers
                 else:
                     break  # unknown message: stop processing; Envoy carries on without us
@@ -97,7 +98,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         finally:
             if ctx is not None and ctx.policy is not None:
                 ctx.outcome = _outcome(ctx, rt, outcome)
-                self._done(ctx)
+                _done(self, ctx)
 
     # -- request phase -----------------------------------------------------------------
     def _route(self, req: pb.ProcessingRequest):
@@ -183,7 +184,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             begin, tokens = self.load.begin, ctx.prompt_tokens
             ctx.tickets = (begin(d.address, tokens), *(begin(e.address, tokens) for _, e in also))
             self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
-            return self.answers.pick(phase, self._destination(d, named, candidates, rt, ctx), mode)
+            return self.answers.pick(phase, gie.destination(d, named, candidates, rt.fallbacks, ctx.subset,
+                                                            self.load.requests), mode)
         if isinstance(d, ClusterPick):
             ctx.cluster = d.cluster
             ctx.policy = policy
@@ -196,52 +198,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         self.telemetry.fallback(ctx.route, rt.policy_name, d.reason, detail)
         return self.answers.passthrough(phase, mode)
 
-    def _destination(self, d: Endpoint, named: tuple, candidates: tuple, rt: RouteRuntime, ctx: RequestContext) -> str:
-        """The GIE destination value: the pick, then fallbacks for Envoy's retries."""
-        if rt.fallbacks <= 0 and not named:
-            return d.address
-        pool = candidates if ctx.subset is None else gie.in_subset(candidates, ctx.subset)
-        rest = gie.fallbacks(d, named if ctx.subset is None else gie.in_subset(named, ctx.subset), pool,
-                             rt.fallbacks, self.load.requests)
-        return ",".join((d.address, *rest)) if rest else d.address
-
-    # -- FULL_DUPLEX_STREAMED request bodies (see duplex.py) ---------------------------
-    async def _duplex_headers(self, req: pb.ProcessingRequest):
-        """Headers of a full-duplex request: decide now, or hold the answer for the body."""
-        ctx, rt = self._route(req)
-        if ctx is None:
-            return None, rt, DuplexBody(self.max_body_bytes, held=False), self.answers.passthrough("headers")
-        if rt.needs_body:
-            return ctx, rt, DuplexBody(self.max_body_bytes, held=True), None
-        return ctx, rt, DuplexBody(self.max_body_bytes, held=False), await self._decide(ctx, rt, "headers", duplex=True)
-
-    async def _duplex_body(self, req: pb.ProcessingRequest, ctx: RequestContext | None, rt: RouteRuntime | None,
-                           duplex: DuplexBody) -> list[pb.ProcessingResponse]:
-        b = req.request_body
-        if duplex.answered:  # decided already: every chunk goes straight back
-            return [streamed(b.body, b.end_of_stream)]
-        duplex.add(b.body, b.end_of_stream)
-        if duplex.over_limit:  # too big to parse: native LB, and the body flows on untouched
-            self.telemetry.fallback(ctx.route, rt.policy_name, "body_too_large", f"over {self.max_body_bytes} bytes")
-            return [self.answers.passthrough("headers"), *duplex.release(b.end_of_stream)]
-        if b.end_of_stream:
-            return await self._duplex_end(ctx, rt, duplex)
-        return []
-
-    async def _duplex_end(self, ctx: RequestContext, rt: RouteRuntime, duplex: DuplexBody,
-                          trailers: bool = False) -> list[pb.ProcessingResponse]:
-        """The whole body is in: the pick in the headers answer, then the body, re-chunked."""
-        ctx.body = duplex.body()
-        ctx.body_complete = True
-        first = await self._decide(ctx, rt, "headers", duplex=True)
-        if first.WhichOneof("response") == "immediate_response":
-            duplex.answered = True
-            return [first]  # Envoy answers the client; the body is not needed any more
-        return [first, *duplex.release(end_of_stream=not trailers)]
-
     # -- response phase ----------------------------------------------------------------
     def _on_response_headers(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
-        self._served(req, ctx)
+        gie.note_served(req, ctx, self.load, self.telemetry)
         if ctx is not None and ctx.policy is not None:
             for h in req.response_headers.headers.headers:
                 if h.key == ":status":
@@ -269,38 +228,25 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 self._errlog.warn(("hook", "response_body"), "on_response_body failed: %r", e)
         return self.answers.response_body
 
-    def _served(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> None:
-        """Envoy's report of the endpoint that served (override_host ``selected_host_key``):
-        after a retry to a fallback, the in-flight count moves there."""
-        if ctx is None or ctx.endpoint is None or ctx.served is not None:
-            return
-        served = gie.served_endpoint(req)
-        if served is None:
-            return
-        ctx.served = served
-        self.telemetry.served_report(ctx.route, served == ctx.endpoint.address)
-        if served != ctx.endpoint.address and ctx.tickets:
-            self.load.end(ctx.tickets[0])  # the picked endpoint did not get the request
-            ctx.tickets = (self.load.begin(served, ctx.prompt_tokens), *ctx.tickets[1:])
-
-    def _done(self, ctx: RequestContext) -> None:
-        if ctx.tickets:
-            # Upstream status when seen; a stream that ended without one says nothing about
-            # the endpoint (client abort, our own error). Only the destination answered.
-            end = self.load.end
-            end(ctx.tickets[0], ctx.status)
-            for t in ctx.tickets[1:]:
-                end(t)
-        self.telemetry.done(ctx.route, ctx.outcome)
-        try:
-            ctx.policy.on_done(ctx)
-        except Exception as e:  # noqa: BLE001
-            self._errlog.warn(("hook", "done"), "on_done failed: %r", e)
-        finally:
-            self.runtime.release(ctx.policy)
+def _done(p: Processor, ctx: RequestContext) -> None:
+    """Exactly once per routed request: release its load tickets, count it, run on_done."""
+    if ctx.tickets:
+        # Upstream status when seen; a stream that ended without one says nothing about
+        # the endpoint (client abort, our own error). Only the destination answered.
+        end = p.load.end
+        end(ctx.tickets[0], ctx.status)
+        for t in ctx.tickets[1:]:
+            end(t)
+    p.telemetry.done(ctx.route, ctx.outcome)
+    try:
+        ctx.policy.on_done(ctx)
+    except Exception as e:  # noqa: BLE001
+        p._errlog.warn(("hook", "done"), "on_done failed: %r", e)
+    finally:
+        p.runtime.release(ctx.policy)
 
 
-def _mode(rt: RouteRuntime) -> PM | None:  # noqa: D401
+def _mode(rt: RouteRuntime) -> PM | None:
     """The processing mode the route's policy needs from Envoy (interned per combination)."""
     return processing_mode(*rt.needs) if rt.needs is not None else None
 
