@@ -8,11 +8,13 @@ carried over with their state; replaced ones are closed once their last request 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from . import config as _config
+from .admission import Gate
 from .config import Config, EndpointsConfig, RouteConfig, ServerConfig, policy_config
 from .core import EndpointDirectory
 from .policies import PolicyEnv, registry
@@ -42,11 +44,14 @@ class RouteRuntime:
     """One route's compiled config; read on every request, so plain attributes only."""
 
     __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "needs", "endpoints",
-                 "by_endpoint", "fallbacks", "_cand", "_cand_version", "_told", "_by_cluster", "on_learned")
+                 "by_endpoint", "fallbacks", "sample", "gate", "_cand", "_cand_version", "_told", "_by_cluster",
+                 "on_learned")
 
-    def __init__(self, config: RouteConfig, policy: Policy | None, server: ServerConfig | None = None) -> None:
+    def __init__(self, config: RouteConfig, policy: Policy | None, gate: Gate | None = None,
+                 server: ServerConfig | None = None) -> None:
         server = server or ServerConfig()
         self.name = config.name
+        self.gate = gate
         self.config = config
         self.policy = policy
         self.policy_name = config.lb_policy
@@ -63,6 +68,7 @@ class RouteRuntime:
         self.needs: tuple[bool, bool, bool, bool] | None = (
             policy.needs_body, policy.needs_response_headers or self.fallbacks > 0, policy.needs_response_body,
             buffered) if policy else None
+        self.sample = policy.first_token_sample if policy and not policy.needs_response_body else 0.0
         self._cand: tuple = ()
         self._cand_version = -1
         self._told = False
@@ -82,6 +88,8 @@ class RouteRuntime:
                 self._cand, self._told = new, True
                 if self.policy is not None:
                     self.policy.on_candidates(new)
+                if self.gate is not None:
+                    self.gate.on_candidates(new)
         return self._cand
 
     def _route_cluster(self, directory: EndpointDirectory, cluster: str | None) -> tuple:
@@ -94,8 +102,12 @@ class RouteRuntime:
         self._by_cluster[cluster] = (directory.version, new)
         if hit is None and self.on_learned is not None:
             self.on_learned()
-        if (hit is None or hit[1] != new) and self.policy is not None:
-            self.policy.on_candidates(tuple({e.address: e for _, c in self._by_cluster.values() for e in c}.values()))
+        if hit is None or hit[1] != new:
+            union = tuple({e.address: e for _, c in self._by_cluster.values() for e in c}.values())
+            if self.policy is not None:
+                self.policy.on_candidates(union)
+            if self.gate is not None:
+                self.gate.on_candidates(union)
         return new
 
     def known(self, directory: EndpointDirectory) -> tuple:
@@ -121,6 +133,7 @@ class Runtime:
         self.config: Config | None = None
         self._active: dict[int, int] = {}  # id(policy) -> requests it still owns
         self.on_learned: Any = None  # a route that reads its own cluster met a new one (gauges)
+        self._gates: dict[tuple, Gate] = {}  # (route, queue config) -> its gate (waiters survive reloads)
         self._retired: dict[int, Policy] = {}
 
     def lookup(self, route_name: str) -> RouteRuntime | None:
@@ -133,10 +146,11 @@ class Runtime:
                for name, r in self.routes.items() if r.policy is not None} if self.config else {}
         new_routes: dict[str, RouteRuntime] = {}
         started: list[Policy] = []
+        gates: dict[tuple, Gate] = {}
         try:
             for name, rc in config.routes.items():
                 if not rc.enabled:
-                    new_routes[name] = RouteRuntime(rc, None, config.server)
+                    new_routes[name] = RouteRuntime(rc, None, server=config.server)
                     continue
                 key = rc.policy_key() + (name, config.store)
                 policy = old.get(key)
@@ -147,7 +161,7 @@ class Runtime:
                                                    scrapes=self.scrapes, store_url=config.store))
                     await policy.start()
                     started.append(policy)
-                new_routes[name] = RouteRuntime(rc, policy, config.server)
+                new_routes[name] = RouteRuntime(rc, policy, self._gate(rc, gates), config.server)
                 new_routes[name].on_learned = self._learned
         except Exception:
             for p in started:
@@ -160,12 +174,24 @@ class Runtime:
         self.routes = new_routes
         self.catch_all = new_routes.get(CATCH_ALL)
         self.config = config
+        for key, g in self._gates.items():
+            if key not in gates:
+                g.close()  # its waiters get a 503: their route's queue is gone
+        self._gates = gates
         for p in retired:
             self._retire(p)
 
     def _learned(self) -> None:
         if self.on_learned is not None:
             self.on_learned()
+
+    def _gate(self, rc: RouteConfig, gates: dict[tuple, Gate]) -> Gate | None:
+        if rc.queue is None:
+            return None
+        key = (rc.name, _config._freeze(dataclasses.asdict(rc.queue)))
+        g = self._gates.get(key) or gates.get(key) or Gate(rc.name, rc.queue, self.load)
+        gates[key] = g
+        return g
 
     def refresh_candidates(self) -> None:
         """Discovery changed: let every route's policy see its new candidates now, not at

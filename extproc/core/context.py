@@ -24,7 +24,7 @@ class BodyError(ValueError):
 class RequestContext:
     __slots__ = ("route", "_header_map", "_headers", "body", "body_complete", "_json", "endpoint", "cluster",
                  "status", "response_complete", "started", "first_byte_at", "policy_state", "policy", "outcome",
-                 "prompt_tokens", "tickets", "cluster_name", "subset", "served")
+                 "prompt_tokens", "tickets", "cluster_name", "subset", "served", "watch")
 
     def __init__(self, route: str, headers: dict[str, str] | None = None, header_map: Any = None) -> None:
         self.route = route
@@ -47,6 +47,7 @@ class RequestContext:
         self.subset: frozenset[str] | None = None  # the proxy's GIE subset hint, if it sent one
         self.served: str | None = None  # the endpoint Envoy reports served it (GIE), if it does
         self.tickets: tuple = ()        # the load view's tickets of the endpoints this request occupies
+        self.watch: Any = None          # a first-token detector when the response is watched for TTFT
 
     @property
     def headers(self) -> dict[str, str]:

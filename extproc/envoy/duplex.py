@@ -73,7 +73,7 @@ class DuplexRequests:
     def __init__(self, processor: Any) -> None:
         self.p = processor
 
-    async def headers(self, req: pb.ProcessingRequest) -> tuple:
+    async def headers(self, req: pb.ProcessingRequest, stream: Any) -> tuple:
         """(ctx, route, DuplexBody, answer or None): decide now, or hold for the body."""
         p = self.p
         ctx, rt = p._route(req)
@@ -81,9 +81,11 @@ class DuplexRequests:
             return None, rt, DuplexBody(p.max_body_bytes, held=False), p.answers.passthrough("headers")
         if rt.needs_body:
             return ctx, rt, DuplexBody(p.max_body_bytes, held=True), None
-        return ctx, rt, DuplexBody(p.max_body_bytes, held=False), await p._decide(ctx, rt, "headers", duplex=True)
+        return ctx, rt, DuplexBody(p.max_body_bytes, held=False), await p._decide(ctx, rt, "headers", stream,
+                                                                                   duplex=True)
 
-    async def body(self, req: pb.ProcessingRequest, ctx: Any, rt: Any, duplex: DuplexBody) -> list[pb.ProcessingResponse]:
+    async def body(self, req: pb.ProcessingRequest, ctx: Any, rt: Any, duplex: DuplexBody,
+                   stream: Any) -> list[pb.ProcessingResponse]:
         b = req.request_body
         if duplex.answered:  # decided already: every chunk goes straight back
             return [streamed(b.body, b.end_of_stream)]
@@ -93,14 +95,15 @@ class DuplexRequests:
             p.telemetry.fallback(ctx.route, rt.policy_name, "body_too_large", f"over {p.max_body_bytes} bytes")
             return [p.answers.passthrough("headers"), *duplex.release(b.end_of_stream)]
         if b.end_of_stream:
-            return await self.end(ctx, rt, duplex)
+            return await self.end(ctx, rt, duplex, stream)
         return []
 
-    async def end(self, ctx: Any, rt: Any, duplex: DuplexBody, trailers: bool = False) -> list[pb.ProcessingResponse]:
+    async def end(self, ctx: Any, rt: Any, duplex: DuplexBody, stream: Any,
+                  trailers: bool = False) -> list[pb.ProcessingResponse]:
         """The whole body is in: the pick in the headers answer, then the body, re-chunked."""
         ctx.body = duplex.body()
         ctx.body_complete = True
-        first = await self.p._decide(ctx, rt, "headers", duplex=True)
+        first = await self.p._decide(ctx, rt, "headers", stream, duplex=True)
         if first.WhichOneof("response") == "immediate_response":
             duplex.answered = True
             return [first]  # Envoy answers the client; the body is not needed any more

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from ..admission.gate import Queued, Rejected
 from ..core import BodyError, ClusterPick, Endpoint, Fallback, Pick, Reject, RequestContext, Wait
 from ..runtime import RouteRuntime, Runtime
 from ..signals import LoadView
+from ..signals.first_token import FirstToken
 from ..telemetry import RateLimitedLog, Telemetry
 from . import gie
 from .answers import PM, Answers, processing_mode
@@ -27,6 +30,7 @@ from .duplex import FULL_DUPLEX, DuplexBody, DuplexRequests, streamed
 log = logging.getLogger("ai_lb.processor")
 
 ATTR_NAMESPACE = gie.ATTR_NAMESPACE
+HOLD_MARGIN_S = 1.0   # a held request's answer is due this long after its deadline at the latest
 ROUTE_ATTR = gie.ROUTE_ATTR
 SUBSET_EMPTY = "no endpoint of the proxy's subset hint is eligible"
 _EOF = grpc.aio.EOF
@@ -61,26 +65,26 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     pc = req.protocol_config
                     resp_duplex = pc.response_body_mode == FULL_DUPLEX
                     if pc.request_body_mode == FULL_DUPLEX and not req.request_headers.end_of_stream:
-                        ctx, rt, duplex, resp = await self.duplex.headers(req)
+                        ctx, rt, duplex, resp = await self.duplex.headers(req, context)
                     else:
-                        ctx, rt, resp = await self._on_request_headers(req)
+                        ctx, rt, resp = await self._on_request_headers(req, context)
                     if resp is None:
                         continue  # the headers answer waits for the whole body
                 elif kind == "request_body":
                     if duplex is not None:
-                        for r in await self.duplex.body(req, ctx, rt, duplex):
+                        for r in await self.duplex.body(req, ctx, rt, duplex, context):
                             await write(r)
                         continue
-                    resp = await self._on_request_body(req, ctx, rt)
+                    resp = await self._on_request_body(req, ctx, rt, context)
                 elif kind == "response_headers":
-                    resp = self._on_response_headers(req, ctx)
+                    resp = _response_headers(self, req, ctx)
                 elif kind == "response_body":
-                    resp = self._on_response_body(req, ctx)
+                    resp = _response_body(self, req, ctx)
                     if resp_duplex:
                         resp = streamed(req.response_body.body, req.response_body.end_of_stream, response=True)
                 elif kind == "request_trailers":
                     if duplex is not None and not duplex.answered:
-                        for r in await self.duplex.end(ctx, rt, duplex, trailers=True):
+                        for r in await self.duplex.end(ctx, rt, duplex, context, trailers=True):
                             await write(r)
                     resp = self.answers.request_trailers
                 elif kind == "response_trailers":
@@ -113,22 +117,24 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         ctx = RequestContext(route_name, header_map=hm.headers)
         ctx.cluster_name = cluster
         ctx.subset = gie.subset_hint(req)
+        if rt.sample and random.random() < rt.sample:
+            ctx.watch = FirstToken()  # this response is watched to its first token
         return ctx, rt
 
-    async def _on_request_headers(self, req: pb.ProcessingRequest):
+    async def _on_request_headers(self, req: pb.ProcessingRequest, stream):
         hm = req.request_headers
         ctx, rt = self._route(req)
         if ctx is None:
             return None, rt, self.answers.passthrough("headers")
         if rt.needs_body and not hm.end_of_stream:
-            return ctx, rt, self.answers.passthrough("headers", _mode(rt))
+            return ctx, rt, self.answers.passthrough("headers", _mode(rt, ctx))
         if rt.needs_body:  # bodyless request on a prompt-reading route: nothing to wait for
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_body")
             return ctx, rt, self.answers.passthrough("headers")
-        return ctx, rt, await self._decide(ctx, rt, "headers")
+        return ctx, rt, await self._decide(ctx, rt, "headers", stream)
 
     async def _on_request_body(self, req: pb.ProcessingRequest, ctx: RequestContext | None,
-                               rt: RouteRuntime | None) -> pb.ProcessingResponse:
+                               rt: RouteRuntime | None, stream) -> pb.ProcessingResponse:
         if ctx is None or rt is None or ctx.policy is not None:
             return self.answers.passthrough("body")
         b = req.request_body
@@ -138,13 +144,12 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             return self.answers.passthrough("body")
         ctx.body = body
         ctx.body_complete = b.end_of_stream
-        return await self._decide(ctx, rt, "body")
+        return await self._decide(ctx, rt, "body", stream)
 
-    async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str,
+    async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str, stream,
                       duplex: bool = False) -> pb.ProcessingResponse:
         t0 = _perf()
-        policy = rt.policy
-        mode = _mode(rt) if phase == "headers" and not duplex else None  # full duplex: Envoy's own mode stays
+        mode = _mode(rt, ctx) if phase == "headers" and not duplex else None  # full duplex: Envoy's own mode stays
         candidates = rt.candidates(self.runtime.directory, ctx.cluster_name)
         if ctx.subset is not None and rt.by_endpoint:
             candidates = gie.in_subset(candidates, ctx.subset)
@@ -154,8 +159,36 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         if not candidates and rt.by_endpoint:
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
             return self.answers.passthrough(phase, mode)
+        gate, waiter = rt.gate, None
+        if gate is not None:  # the route's queue: admitted now, held until there is room, or shed
+            a = gate.admit(ctx, candidates)
+            if isinstance(a, Queued):
+                waiter = a.waiter
+                await self._hold(stream, a.max_wait)
+                a = await gate.wait(a)
+            if isinstance(a, Rejected):
+                self.telemetry.rejected(ctx.route, rt.policy_name, a.status, _perf() - t0)
+                return self.answers.reject(a.status, a.message, a.retry_after)
+            candidates = a.candidates
+        try:
+            return await self._pick(ctx, rt, phase, stream, candidates, t0, mode)
+        finally:
+            if waiter is not None:
+                gate.settled(waiter)  # counted (or decided otherwise): the next waiter may go
+
+    async def _hold(self, stream, seconds: float) -> None:
+        """Keep Envoy waiting for this message (up to its ``max_message_timeout``) instead
+        of timing out and falling open: a held request must never go to native LB."""
+        await stream.write(pb.ProcessingResponse(override_message_timeout=_duration(seconds + HOLD_MARGIN_S)))
+
+    async def _pick(self, ctx: RequestContext, rt: RouteRuntime, phase: str, stream, candidates,
+                    t0: float, mode: PM | None) -> pb.ProcessingResponse:
+        policy = rt.policy
         try:
             d = await policy.pick(ctx, candidates)
+            if isinstance(d, Wait):  # a policy that holds the request itself
+                await self._hold(stream, d.max_wait)
+                d = await d.ready
         except BodyError as e:
             d = Fallback(e.reason)
             detail = str(e)
@@ -165,9 +198,6 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             detail = type(e).__name__
         else:
             detail = ""
-        if isinstance(d, Wait):  # the gateway queue's interface; the processor does not hold requests yet
-            d = Fallback("policy_error")
-            detail = "Wait decisions are not supported by this processor"
         named: tuple = ()
         if isinstance(d, Pick):
             also, named = d.also, d.fallbacks
@@ -198,35 +228,42 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         self.telemetry.fallback(ctx.route, rt.policy_name, d.reason, detail)
         return self.answers.passthrough(phase, mode)
 
-    # -- response phase ----------------------------------------------------------------
-    def _on_response_headers(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
-        gie.note_served(req, ctx, self.load, self.telemetry)
-        if ctx is not None and ctx.policy is not None:
-            for h in req.response_headers.headers.headers:
-                if h.key == ":status":
-                    try:
-                        ctx.status = int(h.raw_value or h.value)
-                    except ValueError:
-                        pass
-                    break
-            try:
-                ctx.policy.on_response_headers(ctx, ctx.status or 0)
-            except Exception as e:  # noqa: BLE001
-                self._errlog.warn(("hook", "response_headers"), "on_response_headers failed: %r", e)
-        return self.answers.response_headers
 
-    def _on_response_body(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
-        if ctx is not None and ctx.policy is not None:
-            b = req.response_body
-            if ctx.first_byte_at is None and b.body:
-                ctx.first_byte_at = time.monotonic()
-            if b.end_of_stream:
-                ctx.response_complete = True
-            try:
-                ctx.policy.on_response_body(ctx, b.body, b.end_of_stream)
-            except Exception as e:  # noqa: BLE001
-                self._errlog.warn(("hook", "response_body"), "on_response_body failed: %r", e)
-        return self.answers.response_body
+# -- response phase --------------------------------------------------------------------
+def _response_headers(self: Processor, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
+    """Response headers: the served endpoint, the status, the policy's hook."""
+    gie.note_served(req, ctx, self.load, self.telemetry)
+    if ctx is not None and ctx.policy is not None:
+        for h in req.response_headers.headers.headers:
+            if h.key == ":status":
+                try:
+                    ctx.status = int(h.raw_value or h.value)
+                except ValueError:
+                    pass
+                break
+        try:
+            ctx.policy.on_response_headers(ctx, ctx.status or 0)
+        except Exception as e:  # noqa: BLE001
+            self._errlog.warn(("hook", "response_headers"), "on_response_headers failed: %r", e)
+    return self.answers.response_headers
+
+
+def _response_body(self: Processor, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
+    """A response body chunk: first byte, first token, end, the policy's hook."""
+    if ctx is not None and ctx.policy is not None:
+        b = req.response_body
+        if ctx.first_byte_at is None and b.body:
+            ctx.first_byte_at = time.monotonic()
+        if b.end_of_stream:
+            ctx.response_complete = True
+        try:
+            if ctx.watch is not None and ctx.watch.feed(b.body, b.end_of_stream):
+                ctx.policy.on_first_token(ctx, time.monotonic() - ctx.started)
+            ctx.policy.on_response_body(ctx, b.body, b.end_of_stream)
+        except Exception as e:  # noqa: BLE001
+            self._errlog.warn(("hook", "response_body"), "on_response_body failed: %r", e)
+    return self.answers.response_body
+
 
 def _done(p: Processor, ctx: RequestContext) -> None:
     """Exactly once per routed request: release its load tickets, count it, run on_done."""
@@ -246,9 +283,20 @@ def _done(p: Processor, ctx: RequestContext) -> None:
         p.runtime.release(ctx.policy)
 
 
-def _mode(rt: RouteRuntime) -> PM | None:
-    """The processing mode the route's policy needs from Envoy (interned per combination)."""
-    return processing_mode(*rt.needs) if rt.needs is not None else None
+def _duration(seconds: float):
+    from google.protobuf import duration_pb2
+
+    return duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+
+
+def _mode(rt: RouteRuntime, ctx: RequestContext | None = None) -> PM | None:
+    """The processing mode the route's policy needs from Envoy (interned per combination);
+    a watched response (first-token sampling) also streams its body to us."""
+    if rt.needs is None:
+        return None
+    if ctx is not None and ctx.watch is not None:
+        return processing_mode(rt.needs[0], rt.needs[1], True, rt.needs[3])
+    return processing_mode(*rt.needs)
 
 
 def _outcome(ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> str:
