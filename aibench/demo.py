@@ -208,8 +208,10 @@ def _sigterm_as_ctrl_c(signum: int, frame: Any) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
-def main(requests: int = 24, policy: str = "least_request", backends: int = 3, time_scale: float = 0.05) -> int:
-    """Run the demo; 0 when every request succeeded and ai-lb made decisions."""
+def main(requests: int = 24, policy: str = "least_request", backends: int = 3, time_scale: float = 0.05,
+         config: str | None = None) -> int:
+    """Run the demo; 0 when every request succeeded and ai-lb made decisions. ``config``: an
+    ai-lb config file whose routes (``llm`` is the demo Envoy's route) drive phase 1."""
     if not 1 <= backends <= 26:
         print("ai-lb demo: --backends must be between 1 and 26")
         return 2
@@ -222,8 +224,19 @@ def main(requests: int = 24, policy: str = "least_request", backends: int = 3, t
     names = backend_names(backends)
     st: Stack | None = None
     rc = 1
+    user = None
+    if config is not None:
+        import yaml
+
+        try:
+            user = yaml.safe_load(Path(config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            print(f"ai-lb demo: cannot read --config {config}: {e}")
+            return 2
+        policy = f"{Path(config).name}: " + ", ".join(
+            f"{n}={r.get('lb_policy')}" for n, r in (user.get("routes") or {}).items() if isinstance(r, dict))
     try:
-        st = start_stack(tmp, policy, backends, time_scale)
+        st = start_stack(tmp, policy, backends, time_scale, user_config=user)
         results = phase_compare(st, requests, policy, names)
         switched, rotating = phase_switch(st, names)
         picked = int(metric(st, "ai_lb_decisions_total", outcome="picked"))  # before ai-lb is killed
@@ -256,8 +269,11 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="least_request", help="ai-lb policy for the first phase")
     p.add_argument("--backends", type=int, default=3, help="number of simulated vLLM servers (1-26)")
     p.add_argument("--time-scale", type=float, default=0.05, help="simulator wall seconds per simulated second")
+    p.add_argument("--config", help="an ai-lb config file (e.g. a Higress ai-load-balancer block, examples/higress.yaml) "
+                                    "for phase 1, used unchanged; the demo fills in its own addresses. Route 'llm' "
+                                    "is the demo Envoy's route")
     a = p.parse_args(argv)
-    return main(requests=a.requests, policy=a.policy, backends=a.backends, time_scale=a.time_scale)
+    return main(requests=a.requests, policy=a.policy, backends=a.backends, time_scale=a.time_scale, config=a.config)
 
 
 def verdict(results: list[Result], picked: int, rotating: bool, elapsed: float) -> int:

@@ -31,16 +31,27 @@ class Stack:
     config_path: Path
     procs: list[ds.Proc] = field(default_factory=list)
     ai_lb: ds.Proc | None = None
+    user_config: dict | None = None  # ``ai-lb demo --config FILE``: the file's routes and settings, verbatim
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.envoy_ports.listen}"
 
-    def write_config(self, policy: str) -> None:
-        """Write ai-lb's config: one route ``llm`` (Envoy's route name), hosts discovered from Envoy."""
-        routes = {"llm": {"lb_policy": policy, "endpoints": {"cluster": "llm_backends"}}}
+    def write_config(self, policy: str | None) -> None:
+        """Write ai-lb's config: one route ``llm`` (Envoy's route name), hosts discovered from
+        Envoy; or, with ``user_config`` and no ``policy``, the user's file with only the
+        addresses of this stack filled in."""
+        top: dict = {}
+        if self.user_config is not None and policy is None:
+            top = {k: v for k, v in self.user_config.items() if k not in ("server", "routes")}
+            routes = self.user_config.get("routes") or {}
+            server = {k: v for k, v in (self.user_config.get("server") or {}).items()
+                      if k not in ("listen", "metrics_listen", "envoy_admin", "health_listen")}
+            top["server"] = server
+        else:
+            routes = {"llm": {"lb_policy": policy, "endpoints": {"cluster": "llm_backends"}}}
         ds.write_ai_lb_config(self.config_path, self.envoy_ports.ai_lb, self.metrics_port, routes,
-                              envoy_admin_port=self.envoy_ports.admin)
+                              envoy_admin_port=self.envoy_ports.admin, **top)
 
     def stop(self) -> None:
         """Stop in reverse start order; a process that is already gone is fine."""
@@ -56,7 +67,7 @@ def backend_names(n: int) -> list[str]:
     return [f"vllm-{string.ascii_lowercase[i]}" for i in range(n)]
 
 
-def start_stack(tmp: Path, policy: str, backends: int, time_scale: float) -> Stack:
+def start_stack(tmp: Path, policy: str, backends: int, time_scale: float, user_config: dict | None = None) -> Stack:
     """Start simulator, Envoy and ai-lb, and wait until requests through Envoy reach ai-lb's pick.
 
     Each process is recorded in ``st.procs`` the moment it is spawned, before waiting for it
@@ -66,7 +77,7 @@ def start_stack(tmp: Path, policy: str, backends: int, time_scale: float) -> Sta
     ports = ds.free_ports(backends + 4)
     bports, (listen, admin, grpc, metrics) = ports[:backends], ports[backends:]
     st = Stack(tmp, bports, {f"127.0.0.1:{p}": n for p, n in zip(bports, names)},
-               ds.EnvoyPorts(listen, admin, grpc), metrics, tmp / "ai-lb.yaml")
+               ds.EnvoyPorts(listen, admin, grpc), metrics, tmp / "ai-lb.yaml", user_config=user_config)
     try:
         step(f"starting {backends} simulated vLLM servers ({', '.join(names)}), time scale {time_scale}")
         sim = launch(st, "sim", [ds.PY, "-m", "vllmsim", "serve", "--ports", ",".join(map(str, bports)),
@@ -85,13 +96,14 @@ def start_stack(tmp: Path, policy: str, backends: int, time_scale: float) -> Sta
         ds.wait_cluster_healthy(admin, "llm_backends", backends, timeout=15)
 
         step(f"starting ai-lb (policy {policy}) on 127.0.0.1:{grpc}, metrics :{metrics}")
-        st.write_config(policy)
+        st.write_config(None if user_config is not None else policy)
         st.ai_lb = launch(st, "ai-lb", [ds.PY, "-m", "extproc", "serve", "-c", str(st.config_path)])
         ds.wait_port(grpc, proc=st.ai_lb)
         wait_until(lambda: all(ds.envoy_host_health(admin, "ai_lb").values() or [False]), 15,
                    "Envoy never saw ai-lb healthy", st.ai_lb)
-        wait_until(lambda: metric(st, "ai_lb_route_endpoints", route="llm", state="healthy") >= backends, 15,
-                   "ai-lb never discovered the backends from Envoy's admin API", st.ai_lb)
+        if user_config is None:  # (a user's route may read its cluster per request: known after one)
+            wait_until(lambda: metric(st, "ai_lb_route_endpoints", route="llm", state="healthy") >= backends, 15,
+                       "ai-lb never discovered the backends from Envoy's admin API", st.ai_lb)
     except BaseException:
         st.stop()
         raise

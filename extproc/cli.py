@@ -6,8 +6,10 @@ imported by it)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from importlib import metadata
 
 from . import __version__
@@ -56,12 +58,33 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _load_or_report(a.config)
         if cfg is None:
             return 2
-        logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        setup_logging(cfg.log_level, cfg.log_format)
         from .server import run
 
         run(a.config, cfg)
         return 0
     return 1
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (RFC 3339, UTC), level, logger, message (+ exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """``log_format: json`` for log pipelines; the text format for people."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
 
 
 def _load_or_report(path: str):

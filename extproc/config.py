@@ -24,6 +24,10 @@ from typing import Any, Literal, Mapping, Protocol
 
 import yaml
 
+from .config_sources import EndpointsConfig, KubernetesEndpoints, TlsConfig, parse_endpoints, parse_tls  # noqa: F401
+from .config_sources import valid_hostport as _valid_hostport
+
+BODY_MODES = ("buffered_partial", "buffered")  # what ai-lb asks Envoy for (mode_override) when a policy reads the body
 LB_TYPES = ("endpoint", "cluster")
 _SECRET_WORDS = ("password", "secret", "token")  # never echo these values in error messages
 
@@ -44,19 +48,6 @@ class PolicyCatalog(Protocol):
     def config_class(self, name: str) -> type: ...
 
     def load_plugin(self, module: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class EndpointsConfig:
-    """Where a route's candidate endpoints come from.
-
-    ``static`` lists ``ip:port`` strings; ``cluster`` names an Envoy cluster whose hosts
-    (and their health) are read from Envoy's admin API. Both may be given: the static
-    list then narrows the cluster to those addresses.
-    """
-
-    static: tuple[str, ...] = ()
-    cluster: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,13 +112,15 @@ class RouteConfig:
     lb_config: Mapping[str, Any] = field(default_factory=dict)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     enabled: bool = True
+    fallback_endpoints: int | None = None  # None: server.fallback_endpoints
+    body_mode: str | None = None           # None: server.body_mode
     queue: QueueConfig | None = None
 
     @property
     def pool(self) -> str:
         """The namespace of this route's shared state (counts, prefix keys): route and
         cluster, as Higress keys its Redis hashes."""
-        return f"{self.name}|{self.endpoints.cluster or 'static'}"
+        return f"{self.name}|{self.endpoints.source or 'static'}"
 
     def policy_key(self) -> tuple:
         """Identity of the policy instance: a reload keeps the instance (and its state)
@@ -145,6 +138,13 @@ class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     fallback_log_interval: float = 10.0
     reload_interval: float = 1.0
+    #: a second, plaintext listener with only the gRPC health services (kubelet probes
+    #: cannot speak TLS); None: health is served on ``listen`` only.
+    health_listen: str | None = None
+    tls: TlsConfig | None = None         # TLS (and mTLS with client_ca) on ``listen``
+    fallback_endpoints: int = 2          # least-loaded others after the pick, for Envoy's retries
+    body_mode: Literal["buffered_partial", "buffered"] = "buffered_partial"
+    kubernetes_resync: float = 300.0     # seconds between full relists of each Kubernetes source
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,7 @@ class Config:
     routes: Mapping[str, RouteConfig] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
     source: str | None = None
 
 
@@ -189,7 +190,7 @@ def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) ->
     v = _Validator()
     if not isinstance(raw, Mapping):
         raise ConfigError([f"(top level): expected a mapping, got {_tname(raw)}"])
-    v.unknown_keys("", raw, {"server", "store", "routes", "plugins", "log_level"})
+    v.unknown_keys("", raw, {"server", "store", "routes", "plugins", "log_level", "log_format"})
 
     plugins = tuple(v.str_list("plugins", raw.get("plugins", [])))
     # Plugins register extra policies; load them before policy names are checked.
@@ -199,12 +200,22 @@ def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) ->
         except Exception as e:  # noqa: BLE001 - any import failure is a config error
             v.err(f"plugins[{i}]", f"cannot import {mod!r}: {e}")
 
-    server = v.dataclass_from("server", raw.get("server", {}), ServerConfig)
+    raw_server = raw.get("server", {})
+    tls = None
+    if isinstance(raw_server, Mapping) and "tls" in raw_server:
+        raw_server = dict(raw_server)
+        tls = parse_tls(v, "server.tls", raw_server.pop("tls"))
+    server = v.dataclass_from("server", raw_server, ServerConfig)
     if server is not None:
-        for fname in ("listen", "metrics_listen"):
+        server = dataclasses.replace(server, tls=tls)
+        for fname in ("listen", "metrics_listen", "health_listen"):
             addr = getattr(server, fname)
-            if not _valid_hostport(addr, allow_port_zero=True):
+            if addr is not None and not _valid_hostport(addr, allow_port_zero=True):
                 v.err(f"server.{fname}", f"expected host:port, got {addr!r}")
+        if server.fallback_endpoints < 0:
+            v.err("server.fallback_endpoints", "must be >= 0")
+        if server.kubernetes_resync <= 0:
+            v.err("server.kubernetes_resync", "must be > 0")
         if server.envoy_admin is not None and not server.envoy_admin.startswith(("http://", "https://")):
             v.err("server.envoy_admin", f"expected an http:// URL, got {server.envoy_admin!r}")
         if server.discovery_interval <= 0:
@@ -219,6 +230,9 @@ def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) ->
     log_level = raw.get("log_level", "info")
     if log_level not in ("debug", "info", "warning", "error"):
         v.err("log_level", f"unknown level {log_level!r}; allowed: debug, info, warning, error")
+    log_format = raw.get("log_format", "text")
+    if log_format not in ("text", "json"):
+        v.err("log_format", f"unknown format {log_format!r}; allowed: text, json")
 
     routes: dict[str, RouteConfig] = {}
     raw_routes = raw.get("routes", {})
@@ -238,7 +252,8 @@ def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) ->
     if v.problems:
         raise ConfigError(v.problems)
     assert server is not None
-    return Config(server=server, store=store, routes=routes, plugins=plugins, log_level=log_level, source=source)
+    return Config(server=server, store=store, routes=routes, plugins=plugins, log_level=log_level,
+                  log_format=log_format, source=source)
 
 
 def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig | None,
@@ -246,7 +261,8 @@ def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig 
     if not isinstance(rr, Mapping):
         v.err(path, f"expected a mapping, got {_tname(rr)}")
         return None
-    v.unknown_keys(path, rr, {"lb_type", "lb_policy", "lb_config", "endpoints", "enabled", "queue"})
+    v.unknown_keys(path, rr, {"lb_type", "lb_policy", "lb_config", "endpoints", "enabled", "fallback_endpoints",
+                              "body_mode", "queue"})
     n0 = len(v.problems)
     lb_type = rr.get("lb_type", "endpoint")
     if lb_type not in LB_TYPES:
@@ -273,24 +289,16 @@ def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig 
     if not isinstance(enabled, bool):
         v.err(f"{path}.enabled", f"expected true or false, got {enabled!r}")
 
-    eps = rr.get("endpoints", {}) or {}
-    endpoints = EndpointsConfig()
-    if not isinstance(eps, Mapping):
-        v.err(f"{path}.endpoints", f"expected a mapping with 'static' and/or 'cluster', got {_tname(eps)}")
-    else:
-        v.unknown_keys(f"{path}.endpoints", eps, {"static", "cluster"})
-        static = v.str_list(f"{path}.endpoints.static", eps.get("static", []))
-        for i, a in enumerate(static):
-            if not _valid_hostport(a):
-                v.err(f"{path}.endpoints.static[{i}]", f"expected ip:port, got {a!r}")
-        cluster = eps.get("cluster")
-        if cluster is not None and not isinstance(cluster, str):
-            v.err(f"{path}.endpoints.cluster", f"expected an Envoy cluster name, got {_tname(cluster)}")
-        if lb_type == "endpoint" and enabled is True and not static and cluster is None:
-            v.err(f"{path}.endpoints", "required for lb_type 'endpoint': give 'static' (ip:port list) and/or 'cluster' (an Envoy cluster name)")
-        if cluster is not None and server is not None and server.envoy_admin is None:
-            v.err(f"{path}.endpoints.cluster", "needs server.envoy_admin (the Envoy admin URL) to discover the cluster's hosts")
-        endpoints = EndpointsConfig(static=tuple(static), cluster=cluster)
+    endpoints = parse_endpoints(v, f"{path}.endpoints", rr.get("endpoints"),
+                                needs_endpoints=lb_type == "endpoint" and enabled is True,
+                                envoy_admin=server.envoy_admin if server is not None else None,
+                                server_known=server is not None)
+    fallbacks = rr.get("fallback_endpoints")
+    if fallbacks is not None and (isinstance(fallbacks, bool) or not isinstance(fallbacks, int) or fallbacks < 0):
+        v.err(f"{path}.fallback_endpoints", f"expected an integer >= 0, got {fallbacks!r}")
+    body_mode = rr.get("body_mode")
+    if body_mode is not None and body_mode not in BODY_MODES:
+        v.err(f"{path}.body_mode", f"unknown body mode {body_mode!r}; allowed: {', '.join(BODY_MODES)}")
     queue = None
     if rr.get("queue") is not None:
         queue = v.dataclass_from(f"{path}.queue", rr["queue"], QueueConfig)
@@ -302,7 +310,7 @@ def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig 
     if len(v.problems) > n0:
         return None
     return RouteConfig(name=name, lb_type=lb_type, lb_policy=policy, lb_config=dict(lb_config), endpoints=endpoints,
-                       enabled=enabled, queue=queue)
+                       enabled=enabled, fallback_endpoints=fallbacks, body_mode=body_mode, queue=queue)
 
 
 def policy_config(cls: type, raw: Mapping[str, Any]) -> Any:
@@ -312,16 +320,6 @@ def policy_config(cls: type, raw: Mapping[str, Any]) -> Any:
     if v.problems:
         raise ConfigError(v.problems)
     return parsed
-
-
-def _valid_hostport(s: Any, allow_port_zero: bool = False) -> bool:
-    if not isinstance(s, str) or ":" not in s:
-        return False
-    host, _, port = s.rpartition(":")
-    if not host or not port.isdigit():
-        return False
-    lo = 0 if allow_port_zero else 1
-    return lo <= int(port) <= 65535
 
 
 def _tname(x: Any) -> str:

@@ -17,7 +17,7 @@ from . import config as _config
 from .admission import Gate
 from .admission.redis_line import RedisLine
 from .admission.shared_gate import SharedGate
-from .config import Config, RouteConfig, policy_config
+from .config import Config, EndpointsConfig, RouteConfig, ServerConfig, policy_config
 from .core import EndpointDirectory
 from .policies import PolicyEnv, registry
 from .policies.base import Policy
@@ -46,9 +46,12 @@ class RouteRuntime:
     """One route's compiled config; read on every request, so plain attributes only."""
 
     __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "needs", "endpoints",
-                 "by_endpoint", "sample", "gate", "_cand", "_cand_version", "_told")
+                 "by_endpoint", "fallbacks", "sample", "gate", "_cand", "_cand_version", "_told", "_by_cluster",
+                 "on_learned")
 
-    def __init__(self, config: RouteConfig, policy: Policy | None, gate: Gate | None = None) -> None:
+    def __init__(self, config: RouteConfig, policy: Policy | None, gate: Gate | None = None,
+                 server: ServerConfig | None = None) -> None:
+        server = server or ServerConfig()
         self.name = config.name
         self.gate = gate
         self.config = config
@@ -58,17 +61,28 @@ class RouteRuntime:
         self.endpoints = config.endpoints
         self.by_endpoint = config.lb_type == "endpoint"  # cluster policies get no endpoint candidates
         self.needs_body = bool(policy and policy.needs_body)
-        # What the policy needs to see: (request body, response headers, response body).
-        self.needs: tuple[bool, bool, bool] | None = (
-            policy.needs_body, policy.needs_response_headers, policy.needs_response_body) if policy else None
+        # GIE fallbacks after the pick; the response headers then tell which one served.
+        self.fallbacks = server.fallback_endpoints if config.fallback_endpoints is None else config.fallback_endpoints
+        if not self.by_endpoint:
+            self.fallbacks = 0
+        buffered = (config.body_mode or server.body_mode) == "buffered"
+        # What the policy needs to see: (request body, response headers, response body, BUFFERED).
+        self.needs: tuple[bool, bool, bool, bool] | None = (
+            policy.needs_body, policy.needs_response_headers or self.fallbacks > 0, policy.needs_response_body,
+            buffered) if policy else None
         self.sample = policy.first_token_sample if policy and not policy.needs_response_body else 0.0
         self._cand: tuple = ()
         self._cand_version = -1
         self._told = False
+        self._by_cluster: dict[str, tuple[int, tuple]] = {}  # route_cluster: Envoy cluster -> (version, candidates)
+        self.on_learned: Any = None  # called when a route_cluster route first sees a cluster
 
-    def candidates(self, directory: EndpointDirectory) -> tuple:
+    def candidates(self, directory: EndpointDirectory, cluster: str | None = None) -> tuple:
         """Healthy endpoints, re-resolved only when discovery changed something (and then
-        the policy hears of it)."""
+        the policy hears of it). ``cluster``: the Envoy cluster of this request, for routes
+        that read their own cluster (no ``endpoints:`` given)."""
+        if self.endpoints.route_cluster and self.by_endpoint:
+            return self._route_cluster(directory, cluster)
         if self._cand_version != directory.version:
             self._cand_version = directory.version
             new = directory.candidates(self.endpoints) if self.by_endpoint else ()
@@ -79,6 +93,30 @@ class RouteRuntime:
                 if self.gate is not None:
                     self.gate.on_candidates(new)
         return self._cand
+
+    def _route_cluster(self, directory: EndpointDirectory, cluster: str | None) -> tuple:
+        if not cluster:
+            return ()
+        hit = self._by_cluster.get(cluster)
+        if hit is not None and hit[0] == directory.version:
+            return hit[1]
+        new = directory.candidates(EndpointsConfig(cluster=cluster, static=self.endpoints.static))
+        self._by_cluster[cluster] = (directory.version, new)
+        if hit is None and self.on_learned is not None:
+            self.on_learned()
+        if hit is None or hit[1] != new:
+            union = tuple({e.address: e for _, c in self._by_cluster.values() for e in c}.values())
+            if self.policy is not None:
+                self.policy.on_candidates(union)
+            if self.gate is not None:
+                self.gate.on_candidates(union)
+        return new
+
+    def known(self, directory: EndpointDirectory) -> tuple:
+        """Every endpoint this route has (for metrics and the load view's retention)."""
+        if self.endpoints.route_cluster:
+            return tuple(e for c in self._by_cluster for e in directory.all_known(EndpointsConfig(cluster=c)))
+        return directory.all_known(self.endpoints)
 
 
 class Runtime:
@@ -96,6 +134,7 @@ class Runtime:
         self.catch_all: RouteRuntime | None = None
         self.config: Config | None = None
         self._active: dict[int, int] = {}  # id(policy) -> requests it still owns
+        self.on_learned: Any = None  # a route that reads its own cluster met a new one (gauges)
         self._gates: dict[tuple, Gate] = {}  # (route, queue config) -> its gate (waiters survive reloads)
         self._retired: dict[int, Policy] = {}
 
@@ -113,7 +152,7 @@ class Runtime:
         try:
             for name, rc in config.routes.items():
                 if not rc.enabled:
-                    new_routes[name] = RouteRuntime(rc, None)
+                    new_routes[name] = RouteRuntime(rc, None, server=config.server)
                     continue
                 key = rc.policy_key() + (name, config.store)
                 policy = old.get(key)
@@ -124,7 +163,8 @@ class Runtime:
                                                    scrapes=self.scrapes, store_url=config.store))
                     await policy.start()
                     started.append(policy)
-                new_routes[name] = RouteRuntime(rc, policy, await self._gate(rc, gates, config.store))
+                new_routes[name] = RouteRuntime(rc, policy, await self._gate(rc, gates, config.store), config.server)
+                new_routes[name].on_learned = self._learned
         except Exception:
             for p in started:
                 await _close_quietly(p)
@@ -142,6 +182,10 @@ class Runtime:
         self._gates = gates
         for p in retired:
             self._retire(p)
+
+    def _learned(self) -> None:
+        if self.on_learned is not None:
+            self.on_learned()
 
     async def _gate(self, rc: RouteConfig, gates: dict[tuple, Gate], store: str) -> Gate | None:
         """The route's queue: kept across reloads while its config is the same (its waiters
@@ -165,12 +209,14 @@ class Runtime:
         its next request (scrapers follow the fleet even without traffic)."""
         for rt in self.routes.values():
             rt.candidates(self.directory)
+            for cluster in tuple(rt._by_cluster):  # routes that read each request's own cluster
+                rt.candidates(self.directory, cluster)
         self._retain()
 
     def _retain(self) -> None:
         known: set[str] = set()
         for rt in self.routes.values():
-            known.update(e.address for e in self.directory.all_known(rt.endpoints))
+            known.update(e.address for e in rt.known(self.directory))
         self.load.retain(known)
 
     # -- policy ownership: a replaced policy is closed after its last on_done ----------

@@ -17,14 +17,15 @@ from pathlib import Path
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import start_http_server
 
 from .config import Config, ConfigError
 from .core import EndpointDirectory
-from .discovery.envoy_admin import EnvoyAdminDiscovery
+from .discovery.sources import EndpointSources
 from .envoy.processor import Processor
-from .transport import DEFAULT_LIMITS, EOF, GrpcError, GrpcServer, H2Limits
+from .transport import DEFAULT_LIMITS, GrpcServer, H2Limits, ReloadingTls, TlsFiles, grpcio_credentials
+from .transport.health import EXT_PROC_SERVICE, Health
 from .runtime import Runtime, load_config
 from .signals import LoadView, ScraperService
 from .state import LocalInflight, StateStores
@@ -32,9 +33,7 @@ from .telemetry import Telemetry
 
 log = logging.getLogger("ai_lb")
 
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 PROCESS_METHOD = f"/{EXT_PROC_SERVICE}/Process"
-HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 GRPC_OPTIONS = [
     # Prompts are large: a 200k-token context is ~1 MB of JSON; images more.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -58,38 +57,43 @@ class Gateway:
         self.scrapes = ScraperService(on_sample=self.load.on_scrape)
         self.directory = EndpointDirectory()
         self.runtime = Runtime(self.directory, self.load, self.stores, self.scrapes)
+        self.runtime.on_learned = self._update_endpoint_gauges
         self.processor = Processor(self.runtime, self.telemetry, self.load, self.config.server.max_body_bytes)
         self.telemetry.policy_stats = lambda: [(n, r.policy_name, r.policy.stats)
                                                for n, r in self.runtime.routes.items() if r.policy is not None]
         self.telemetry.state_events = lambda: self.stores.events
         self.telemetry.queues = lambda: [(n, r.gate) for n, r in self.runtime.routes.items() if r.gate is not None]
-        self.health = health.aio.HealthServicer()  # grpcio transport
-        self._health_status: dict[str, int] = {}     # native transport
-        self.discovery: EnvoyAdminDiscovery | None = None
+        self.health = Health()  # liveness, readiness, "" and the ext_proc service, both transports
+        self.sources = EndpointSources(self.directory, self._discovery_changed)
         self._grpc: grpc.aio.Server | None = None
         self._h2: GrpcServer | None = None
+        self._health_srv: GrpcServer | None = None
         self._metrics_server = None
         self._tasks: list[asyncio.Task] = []
         self._file_sig = self._file_signature()
         self._stopping = asyncio.Event()
         self.grpc_port = 0
+        self.health_port = 0
         self.metrics_port = 0
 
     async def start(self) -> None:
         await self.scrapes.start()
         await self.runtime.apply(self.config)
-        self._start_discovery()
+        await self.health.set(live=True, ready=False)
+        self.sources.start(self.config)
         self._update_endpoint_gauges()
         if self.config.server.transport == "grpcio":
             await self._start_grpcio()
         else:
             await self._start_native()
-        await self._set_health(True)
+        if self.config.server.health_listen:
+            await self._start_health_listener(self.config.server.health_listen)
         host, _, port = self.config.server.metrics_listen.rpartition(":")
         self._metrics_server, _ = start_http_server(int(port), addr=host, registry=self.telemetry.registry)
         self.metrics_port = self._metrics_server.server_port
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_file(), name="config-watch"))
+        self._tasks.append(loop.create_task(self._become_ready(), name="readiness"))
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,11 +111,12 @@ class Gateway:
     async def stop(self, grace: float = 1.0) -> None:
         """Report NOT_SERVING first so Envoy's health check drains us, then stop."""
         self._stopping.set()
-        await self._set_health(False)
+        await self.health.set(live=True, ready=False)
         for t in self._tasks:
             t.cancel()
-        if self.discovery:
-            await self.discovery.stop()
+        await self.sources.stop()
+        if self._health_srv:
+            await self._health_srv.stop(0)
         if self._grpc:
             await self._grpc.stop(grace)
         if self._h2:
@@ -137,14 +142,10 @@ class Gateway:
             log.error("config reload (%s) failed, keeping the running config: %r", why, e)
             return False
         old, self.config = self.config, new
-        for fname in ("listen", "metrics_listen", "max_body_bytes", "transport"):
+        for fname in ("listen", "metrics_listen", "max_body_bytes", "transport", "tls", "health_listen"):
             if getattr(old.server, fname) != getattr(new.server, fname):
                 log.warning("server.%s changed; takes effect on restart", fname)
-        if (old.server.envoy_admin, old.server.discovery_interval) != (new.server.envoy_admin, new.server.discovery_interval):
-            if self.discovery:
-                await self.discovery.stop()
-                self.discovery = None
-            self._start_discovery()
+        await self.sources.apply(old, new)
         logging.getLogger("ai_lb").setLevel(new.log_level.upper())
         self._update_endpoint_gauges()
         self.telemetry.reloads.labels("applied").inc()
@@ -156,9 +157,12 @@ class Gateway:
     async def _start_native(self) -> None:
         # A buffered prompt up to max_body_bytes arrives as one gRPC message, plus framing.
         body = self.config.server.max_body_bytes
-        srv = GrpcServer(H2Limits(max_message_size=max(DEFAULT_LIMITS.max_message_size, body + (1 << 20))))
+        tls = self.config.server.tls
+        reloading = None if tls is None else ReloadingTls(TlsFiles(tls.cert, tls.key, tls.client_ca),
+                                                          poll_interval=self.config.server.reload_interval)
+        srv = GrpcServer(H2Limits(max_message_size=max(DEFAULT_LIMITS.max_message_size, body + (1 << 20))), tls=reloading)
         srv.add_method(PROCESS_METHOD, pb.ProcessingRequest.FromString, lambda st: self.processor.Process(None, st))
-        srv.add_method(HEALTH_CHECK_METHOD, health_pb2.HealthCheckRequest.FromString, self._health_check)
+        self.health.serve_on(srv)
         host, _, port = self.config.server.listen.rpartition(":")
         self.grpc_port = await srv.start(host.strip("[]"), int(port))
         self._h2 = srv
@@ -166,36 +170,36 @@ class Gateway:
     async def _start_grpcio(self) -> None:
         s = grpc.aio.server(options=GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, s)
-        self.grpc_port = s.add_insecure_port(self.config.server.listen)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, s)
+        tls = self.config.server.tls
+        if tls is None:
+            self.grpc_port = s.add_insecure_port(self.config.server.listen)
+        else:
+            creds = grpcio_credentials(TlsFiles(tls.cert, tls.key, tls.client_ca), self.config.server.reload_interval)
+            self.grpc_port = s.add_secure_port(self.config.server.listen, creds)
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {self.config.server.listen}")
         await s.start()
         self._grpc = s
 
-    async def _health_check(self, stream) -> None:
-        req = await stream.read()
-        if req is EOF:
-            raise GrpcError(13, "no request message")
-        status = self._health_status.get(req.service)
-        if status is None:
-            raise GrpcError(5, f"unknown service {req.service!r}")
-        await stream.write(health_pb2.HealthCheckResponse(status=status))
+    async def _start_health_listener(self, listen: str) -> None:
+        """Plaintext gRPC health only (kubelet's gRPC probes speak no TLS)."""
+        srv = GrpcServer()
+        self.health.serve_on(srv)
+        host, _, port = listen.rpartition(":")
+        self.health_port = await srv.start(host.strip("[]"), int(port))
+        self._health_srv = srv
 
-    async def _set_health(self, serving: bool) -> None:
-        st = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for svc in ("", EXT_PROC_SERVICE):
-            self._health_status[svc] = st
-            await self.health.set(svc, st)
+    async def _become_ready(self) -> None:
+        """Readiness: SERVING once every configured endpoint source has answered once."""
+        while not self._stopping.is_set():
+            if self.sources.synced:
+                await self.health.set(live=True, ready=True)
+                log.info("ready: first endpoint discovery done")
+                return
+            await asyncio.sleep(0.05)
 
     # -- internals ---------------------------------------------------------------------
-    def _start_discovery(self) -> None:
-        s = self.config.server
-        if s.envoy_admin:
-            self.discovery = EnvoyAdminDiscovery(s.envoy_admin, self.directory, s.discovery_interval,
-                                                 on_change=self._discovery_changed)
-            self.discovery.start()
-
     def _discovery_changed(self) -> None:
         self.runtime.refresh_candidates()
         self._update_endpoint_gauges()
@@ -203,7 +207,7 @@ class Gateway:
     def _update_endpoint_gauges(self) -> None:
         g = self.telemetry.endpoints
         for name, r in self.runtime.routes.items():
-            eps = self.directory.all_known(r.endpoints)
+            eps = r.known(self.directory)
             healthy = sum(e.healthy for e in eps)
             g.labels(name, "healthy").set(healthy)
             g.labels(name, "unhealthy").set(len(eps) - healthy)

@@ -31,6 +31,10 @@ class Telemetry:
         self.decision_seconds: dict[tuple[str, str], list] = {}     # route, policy -> [bucket counts..., sum]
         self.reloads = Counter("ai_lb_config_reloads", "Configuration reload attempts by result.", ["result"],
                                registry=self.registry)
+        self.served = Counter(
+            "ai_lb_served_endpoint", "Served endpoints Envoy reported (GIE x-gateway-destination-endpoint-served): "
+            "outcome picked, or fallback (a retry went to a later endpoint of the list).", ["route", "outcome"],
+            registry=self.registry)
         self.endpoints = Gauge("ai_lb_route_endpoints", "Known endpoints per route by health.", ["route", "state"],
                                registry=self.registry)
         # Set by the gateway: yields (route, policy name, policy.stats) for live policies,
@@ -62,6 +66,9 @@ class Telemetry:
 
     def set_inflight(self, endpoint: str, n: int) -> None:
         self.inflight[endpoint] = n
+
+    def served_report(self, route: str, as_picked: bool) -> None:
+        self.served.labels(route, "picked" if as_picked else "fallback").inc()
 
     def done(self, route: str, outcome: str) -> None:
         k = (route, outcome)

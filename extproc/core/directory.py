@@ -1,7 +1,8 @@
 """Candidate endpoints per route, resolved from the route's ``endpoints`` config.
 
-Static lists resolve by themselves; ``cluster`` names are filled by a discovery source
-(``extproc.discovery``). ``version`` changes whenever discovery does, so routes cache
+Static lists resolve by themselves; discovered sets (an Envoy cluster, a Kubernetes
+InferencePool, Service or selector) are filled by the discovery sources
+(``extproc.discovery``), each replacing only its own sets. ``version`` changes whenever discovery does, so routes cache
 their candidates per version (``RouteRuntime.candidates``) and resolve once per change,
 not per request.
 """
@@ -16,15 +17,21 @@ class EndpointDirectory:
     """Resolves a route's endpoint config to its healthy candidates."""
 
     def __init__(self) -> None:
+        self._by_source: dict[str, dict[str, tuple[Endpoint, ...]]] = {}
         self._clusters: dict[str, tuple[Endpoint, ...]] = {}
         self.discovered_once = False
         self.version = 0  # bumped on every change, so callers can cache per version
 
-    def update_clusters(self, clusters: dict[str, tuple[Endpoint, ...]]) -> bool:
+    def update_clusters(self, clusters: dict[str, tuple[Endpoint, ...]], source: str = "envoy") -> bool:
+        """Replace everything ``source`` reported before with ``clusters``; True if changed."""
         self.discovered_once = True
-        if clusters == self._clusters:
+        if self._by_source.get(source) == clusters:
             return False
-        self._clusters = clusters
+        self._by_source[source] = clusters
+        merged: dict[str, tuple[Endpoint, ...]] = {}
+        for sets in self._by_source.values():
+            merged.update(sets)
+        self._clusters = merged
         self.version += 1
         return True
 
@@ -33,9 +40,10 @@ class EndpointDirectory:
 
     def all_known(self, cfg: EndpointsConfig) -> tuple[Endpoint, ...]:
         """Every endpoint of the route, healthy or not (for status pages and metrics)."""
-        if cfg.cluster is None:
+        name = cfg.source
+        if name is None:
             return tuple(Endpoint(a) for a in cfg.static)
-        eps = self._clusters.get(cfg.cluster, ())
+        eps = self._clusters.get(name, ())
         if cfg.static:
             allowed = set(cfg.static)
             eps = tuple(e for e in eps if e.address in allowed)

@@ -57,6 +57,7 @@ class EnvoyAdminDiscovery:
         self.on_change = on_change
         self._task: asyncio.Task | None = None
         self._failing = False
+        self.synced = False  # the first poll succeeded
 
     async def refresh_once(self, session: Any) -> None:
         import aiohttp
@@ -64,7 +65,9 @@ class EnvoyAdminDiscovery:
         async with session.get(self.url, timeout=aiohttp.ClientTimeout(total=self.timeout)) as r:
             r.raise_for_status()
             doc = await r.json(content_type=None)
-        if self.directory.update_clusters(parse_admin_clusters(doc)) and self.on_change:
+        changed = self.directory.update_clusters(parse_admin_clusters(doc))
+        self.synced = True
+        if changed and self.on_change:
             self.on_change()
 
     async def run(self) -> None:

@@ -25,7 +25,7 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 @functools.lru_cache(maxsize=None)  # interned: answers are cached by id(mode)
-def processing_mode(body: bool, response_headers: bool, response_body: bool) -> PM:
+def processing_mode(body: bool, response_headers: bool, response_body: bool, buffered: bool = False) -> PM:
     """The processing mode a routed request needs from Envoy.
 
     ``response_trailer_mode: SEND`` is always on, and it is what makes "done" correct:
@@ -36,9 +36,9 @@ def processing_mode(body: bool, response_headers: bool, response_body: bool) -> 
     """
     return PM(
         request_header_mode=PM.SEND,
-        # BUFFERED_PARTIAL, not BUFFERED: a body over Envoy's buffer limit reaches us
-        # truncated (and falls back) instead of failing the request with 413.
-        request_body_mode=PM.BUFFERED_PARTIAL if body else PM.NONE,
+        # BUFFERED_PARTIAL by default, not BUFFERED: a body over Envoy's buffer limit
+        # reaches us truncated (and falls back) instead of failing the request with 413.
+        request_body_mode=(PM.BUFFERED if buffered else PM.BUFFERED_PARTIAL) if body else PM.NONE,
         response_header_mode=PM.SEND if response_headers else PM.SKIP,
         response_body_mode=PM.STREAMED if response_body else PM.NONE,
         request_trailer_mode=PM.SKIP,
@@ -47,7 +47,9 @@ def processing_mode(body: bool, response_headers: bool, response_body: bool) -> 
 
 
 class Answers:
-    """Prebuilt answers, cached per endpoint and per processing mode."""
+    """Prebuilt answers, cached per endpoint (or destination list) and per processing mode."""
+
+    MAX_CACHED = 8192  # destination lists with fallbacks vary; the cache starts over past this
 
     def __init__(self) -> None:
         self._pick: dict[tuple[str, str, int], pb.ProcessingResponse] = {}
@@ -58,7 +60,10 @@ class Answers:
         self.response_trailers = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
     def pick(self, phase: str, address: str, mode: PM | None = None) -> pb.ProcessingResponse:
-        """Route to ``address``: header and dynamic metadata, both set by us alone."""
+        """Route to ``address`` (``ip:port``, or the GIE list ``primary,fallback,...``): header
+        and dynamic metadata, the same value, both set by us alone."""
+        if len(self._pick) > self.MAX_CACHED:
+            self._pick.clear()
         return self._cached(self._pick, (phase, address, id(mode)), phase, mode,
                             set_header=(DEST_HEADER, address), metadata=address)
 

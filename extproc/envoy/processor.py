@@ -23,13 +23,16 @@ from ..runtime import RouteRuntime, Runtime
 from ..signals import LoadView
 from ..signals.first_token import FirstToken
 from ..telemetry import RateLimitedLog, Telemetry
+from . import gie
 from .answers import PM, Answers, processing_mode
+from .duplex import FULL_DUPLEX, DuplexBody, DuplexRequests, streamed
 
 log = logging.getLogger("ai_lb.processor")
 
-ATTR_NAMESPACE = "envoy.filters.http.ext_proc"
+ATTR_NAMESPACE = gie.ATTR_NAMESPACE
 HOLD_MARGIN_S = 1.0   # a held request's answer is due this long after its deadline at the latest
-ROUTE_ATTR = "xds.route_name"
+ROUTE_ATTR = gie.ROUTE_ATTR
+SUBSET_EMPTY = "no endpoint of the proxy's subset hint is eligible"
 _EOF = grpc.aio.EOF
 _perf = time.perf_counter
 
@@ -43,11 +46,15 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         self.max_body_bytes = max_body_bytes
         self.answers = Answers()
         self._errlog = RateLimitedLog(10.0)
+        self.duplex = DuplexRequests(self)
 
     async def Process(self, request_iterator, context) -> None:  # noqa: N802 - gRPC name
         ctx: RequestContext | None = None
         rt: RouteRuntime | None = None
+        duplex: DuplexBody | None = None  # set when Envoy streams the request body full duplex
+        resp_duplex = False               # ... and the response body
         outcome = "complete"
+        write = context.write
         try:
             while True:
                 req = await context.read()
@@ -55,20 +62,37 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     break
                 kind = req.WhichOneof("request")
                 if kind == "request_headers":
-                    ctx, rt, resp = await self._on_request_headers(req, context)
+                    pc = req.protocol_config
+                    resp_duplex = pc.response_body_mode == FULL_DUPLEX
+                    if pc.request_body_mode == FULL_DUPLEX and not req.request_headers.end_of_stream:
+                        ctx, rt, duplex, resp = await self.duplex.headers(req, context)
+                    else:
+                        ctx, rt, resp = await self._on_request_headers(req, context)
+                    if resp is None:
+                        continue  # the headers answer waits for the whole body
                 elif kind == "request_body":
+                    if duplex is not None:
+                        for r in await self.duplex.body(req, ctx, rt, duplex, context):
+                            await write(r)
+                        continue
                     resp = await self._on_request_body(req, ctx, rt, context)
                 elif kind == "response_headers":
-                    resp = self._on_response_headers(req, ctx)
+                    resp = _response_headers(self, req, ctx)
                 elif kind == "response_body":
-                    resp = self._on_response_body(req, ctx)
+                    resp = _response_body(self, req, ctx)
+                    if resp_duplex:
+                        resp = streamed(req.response_body.body, req.response_body.end_of_stream, response=True)
                 elif kind == "request_trailers":
+                    if duplex is not None and not duplex.answered:
+                        for r in await self.duplex.end(ctx, rt, duplex, context, trailers=True):
+                            await write(r)
                     resp = self.answers.request_trailers
                 elif kind == "response_trailers":
+                    gie.note_served(req, ctx, self.load, self.telemetry)
                     resp = self.answers.response_trailers
                 else:
                     break  # unknown message: stop processing; Envoy carries on without us
-                await context.write(resp)
+                await write(resp)
         except asyncio.CancelledError:
             outcome = "reset"
             raise
@@ -78,29 +102,34 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         finally:
             if ctx is not None and ctx.policy is not None:
                 ctx.outcome = _outcome(ctx, rt, outcome)
-                self._done(ctx)
+                _done(self, ctx)
 
     # -- request phase -----------------------------------------------------------------
-    async def _on_request_headers(self, req: pb.ProcessingRequest, stream):
+    def _route(self, req: pb.ProcessingRequest):
+        """The request context and route for a headers message (ctx None: ai-lb stays out)."""
         hm = req.request_headers
-        attrs = req.attributes.get(ATTR_NAMESPACE)
-        route_name = ""
-        if attrs is not None:
-            v = attrs.fields.get(ROUTE_ATTR)
-            if v is not None:
-                route_name = v.string_value
+        route_name, cluster = gie.request_attributes(req)
         rt = self.runtime.lookup(route_name)
         if rt is None or not rt.enabled:
             reason = "unknown_route" if rt is None else "route_disabled"
             self.telemetry.fallback(route_name, rt.policy_name if rt else "", reason)
-            return None, rt, self.answers.passthrough("headers")
+            return None, rt
         ctx = RequestContext(route_name, header_map=hm.headers)
+        ctx.cluster_name = cluster
+        ctx.subset = gie.subset_hint(req)
         if rt.sample and random.random() < rt.sample:
             ctx.watch = FirstToken()  # this response is watched to its first token
+        return ctx, rt
+
+    async def _on_request_headers(self, req: pb.ProcessingRequest, stream):
+        hm = req.request_headers
+        ctx, rt = self._route(req)
+        if ctx is None:
+            return None, rt, self.answers.passthrough("headers")
         if rt.needs_body and not hm.end_of_stream:
             return ctx, rt, self.answers.passthrough("headers", _mode(rt, ctx))
         if rt.needs_body:  # bodyless request on a prompt-reading route: nothing to wait for
-            self.telemetry.fallback(route_name, rt.policy_name, "no_body")
+            self.telemetry.fallback(ctx.route, rt.policy_name, "no_body")
             return ctx, rt, self.answers.passthrough("headers")
         return ctx, rt, await self._decide(ctx, rt, "headers", stream)
 
@@ -117,12 +146,19 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         ctx.body_complete = b.end_of_stream
         return await self._decide(ctx, rt, "body", stream)
 
-    async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str, stream) -> pb.ProcessingResponse:
+    async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str, stream,
+                      duplex: bool = False) -> pb.ProcessingResponse:
         t0 = _perf()
-        candidates = rt.candidates(self.runtime.directory)
+        mode = _mode(rt, ctx) if phase == "headers" and not duplex else None  # full duplex: Envoy's own mode stays
+        candidates = rt.candidates(self.runtime.directory, ctx.cluster_name)
+        if ctx.subset is not None and rt.by_endpoint:
+            candidates = gie.in_subset(candidates, ctx.subset)
+            if not candidates:  # the GIE protocol: nothing eligible in the subset is a 503
+                self.telemetry.rejected(ctx.route, rt.policy_name, 503, _perf() - t0)
+                return self.answers.reject(503, SUBSET_EMPTY)
         if not candidates and rt.by_endpoint:
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
-            return self.answers.passthrough(phase, _mode(rt, ctx) if phase == "headers" else None)
+            return self.answers.passthrough(phase, mode)
         gate, waiter, slot = rt.gate, None, None
         if gate is not None:  # the route's queue: admitted now, held until there is room, or shed
             a = await gate.admit(ctx, candidates)
@@ -135,7 +171,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 return self.answers.reject(a.status, a.message, a.retry_after)
             candidates, slot = a.candidates, a.slot
         try:
-            return await self._pick(ctx, rt, phase, stream, candidates, t0)
+            return await self._pick(ctx, rt, phase, stream, candidates, t0, mode)
         finally:
             if slot is not None:
                 if ctx.endpoint is not None:
@@ -151,7 +187,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         await stream.write(pb.ProcessingResponse(override_message_timeout=_duration(seconds + HOLD_MARGIN_S)))
 
     async def _pick(self, ctx: RequestContext, rt: RouteRuntime, phase: str, stream, candidates,
-                    t0: float) -> pb.ProcessingResponse:
+                    t0: float, mode: PM | None) -> pb.ProcessingResponse:
         policy = rt.policy
         try:
             d = await policy.pick(ctx, candidates)
@@ -167,11 +203,15 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             detail = type(e).__name__
         else:
             detail = ""
+        named: tuple = ()
         if isinstance(d, Pick):
-            also = d.also
+            also, named = d.also, d.fallbacks
             d = d.endpoint
         else:
             also = ()
+        if isinstance(d, Endpoint) and ctx.subset is not None and d.address not in ctx.subset:
+            d = Fallback("policy_error")  # a policy that ignores its candidates must not leave the subset
+            detail = "picked an endpoint outside the subset hint"
         if isinstance(d, Endpoint):
             ctx.endpoint = d
             ctx.policy = policy
@@ -179,69 +219,78 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             begin, tokens = self.load.begin, ctx.prompt_tokens
             ctx.tickets = (begin(d.address, tokens), *(begin(e.address, tokens) for _, e in also))
             self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
-            return self.answers.pick(phase, d.address, _mode(rt, ctx) if phase == "headers" else None)
+            return self.answers.pick(phase, gie.destination(d, named, candidates, rt.fallbacks, ctx.subset,
+                                                            self.load.requests), mode)
         if isinstance(d, ClusterPick):
             ctx.cluster = d.cluster
             ctx.policy = policy
             self.runtime.acquire(policy)
             self.telemetry.picked(ctx.route, rt.policy_name, d.cluster, _perf() - t0)
-            return self.answers.to_cluster(phase, d.header, d.cluster, _mode(rt, ctx) if phase == "headers" else None)
+            return self.answers.to_cluster(phase, d.header, d.cluster, mode)
         if isinstance(d, Reject):
             self.telemetry.rejected(ctx.route, rt.policy_name, d.status, _perf() - t0)
             return self.answers.reject(d.status, d.message)
         self.telemetry.fallback(ctx.route, rt.policy_name, d.reason, detail)
-        return self.answers.passthrough(phase, _mode(rt, ctx) if phase == "headers" else None)
+        return self.answers.passthrough(phase, mode)
 
-    # -- response phase ----------------------------------------------------------------
-    def _on_response_headers(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
-        if ctx is not None and ctx.policy is not None:
-            for h in req.response_headers.headers.headers:
-                if h.key == ":status":
-                    try:
-                        ctx.status = int(h.raw_value or h.value)
-                    except ValueError:
-                        pass
-                    break
-            try:
-                ctx.policy.on_response_headers(ctx, ctx.status or 0)
-            except Exception as e:  # noqa: BLE001
-                self._errlog.warn(("hook", "response_headers"), "on_response_headers failed: %r", e)
-        return self.answers.response_headers
 
-    def _on_response_body(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
-        if ctx is not None and ctx.policy is not None:
-            b = req.response_body
-            if ctx.first_byte_at is None and b.body:
-                ctx.first_byte_at = time.monotonic()
-            if b.end_of_stream:
-                ctx.response_complete = True
-            try:
-                if ctx.watch is not None and ctx.watch.feed(b.body, b.end_of_stream):
-                    ctx.policy.on_first_token(ctx, time.monotonic() - ctx.started)
-                ctx.policy.on_response_body(ctx, b.body, b.end_of_stream)
-            except Exception as e:  # noqa: BLE001
-                self._errlog.warn(("hook", "response_body"), "on_response_body failed: %r", e)
-        return self.answers.response_body
-
-    def _done(self, ctx: RequestContext) -> None:
-        if ctx.gate_slot is not None:
-            gate, slot = ctx.gate_slot
-            ctx.gate_slot = None
-            gate.release(slot)
-        if ctx.tickets:
-            # Upstream status when seen; a stream that ended without one says nothing about
-            # the endpoint (client abort, our own error). Only the destination answered.
-            end = self.load.end
-            end(ctx.tickets[0], ctx.status)
-            for t in ctx.tickets[1:]:
-                end(t)
-        self.telemetry.done(ctx.route, ctx.outcome)
+# -- response phase --------------------------------------------------------------------
+def _response_headers(self: Processor, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
+    """Response headers: the served endpoint, the status, the policy's hook."""
+    gie.note_served(req, ctx, self.load, self.telemetry)
+    if ctx is not None and ctx.policy is not None:
+        for h in req.response_headers.headers.headers:
+            if h.key == ":status":
+                try:
+                    ctx.status = int(h.raw_value or h.value)
+                except ValueError:
+                    pass
+                break
         try:
-            ctx.policy.on_done(ctx)
+            ctx.policy.on_response_headers(ctx, ctx.status or 0)
         except Exception as e:  # noqa: BLE001
-            self._errlog.warn(("hook", "done"), "on_done failed: %r", e)
-        finally:
-            self.runtime.release(ctx.policy)
+            self._errlog.warn(("hook", "response_headers"), "on_response_headers failed: %r", e)
+    return self.answers.response_headers
+
+
+def _response_body(self: Processor, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
+    """A response body chunk: first byte, first token, end, the policy's hook."""
+    if ctx is not None and ctx.policy is not None:
+        b = req.response_body
+        if ctx.first_byte_at is None and b.body:
+            ctx.first_byte_at = time.monotonic()
+        if b.end_of_stream:
+            ctx.response_complete = True
+        try:
+            if ctx.watch is not None and ctx.watch.feed(b.body, b.end_of_stream):
+                ctx.policy.on_first_token(ctx, time.monotonic() - ctx.started)
+            ctx.policy.on_response_body(ctx, b.body, b.end_of_stream)
+        except Exception as e:  # noqa: BLE001
+            self._errlog.warn(("hook", "response_body"), "on_response_body failed: %r", e)
+    return self.answers.response_body
+
+
+def _done(p: Processor, ctx: RequestContext) -> None:
+    """Exactly once per routed request: release its queue slot and load tickets, count it,
+    run on_done."""
+    if ctx.gate_slot is not None:
+        gate, slot = ctx.gate_slot
+        ctx.gate_slot = None
+        gate.release(slot)
+    if ctx.tickets:
+        # Upstream status when seen; a stream that ended without one says nothing about
+        # the endpoint (client abort, our own error). Only the destination answered.
+        end = p.load.end
+        end(ctx.tickets[0], ctx.status)
+        for t in ctx.tickets[1:]:
+            end(t)
+    p.telemetry.done(ctx.route, ctx.outcome)
+    try:
+        ctx.policy.on_done(ctx)
+    except Exception as e:  # noqa: BLE001
+        p._errlog.warn(("hook", "done"), "on_done failed: %r", e)
+    finally:
+        p.runtime.release(ctx.policy)
 
 
 def _duration(seconds: float):
@@ -256,7 +305,7 @@ def _mode(rt: RouteRuntime, ctx: RequestContext | None = None) -> PM | None:
     if rt.needs is None:
         return None
     if ctx is not None and ctx.watch is not None:
-        return processing_mode(rt.needs[0], rt.needs[1], True)
+        return processing_mode(rt.needs[0], rt.needs[1], True, rt.needs[3])
     return processing_mode(*rt.needs)
 
 

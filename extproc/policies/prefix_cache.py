@@ -72,7 +72,7 @@ class PrefixCache(Policy):
 
     def __init__(self, config: PrefixCacheConfig, env) -> None:
         super().__init__(config, env)
-        self.cluster = env.route.endpoints.cluster or "static"
+        self.cluster = env.route.endpoints.source or "static"
         self.pool = env.route.pool
         self.ttl = float(config.redisKeyTTL)
         store_url = config.store_url(env.store_url)

@@ -2,13 +2,15 @@
 
 ``h2/`` is a sans-IO HTTP/2 server connection (bytes in, events and bytes out) with
 every limit of ``limits.H2Limits`` enforced; ``grpc`` is the (also sans-IO) message
-layer; ``server`` runs both on asyncio behind the public API below.
+layer; ``server`` runs both on asyncio behind the public API below; ``tls`` adds TLS/mTLS from
+certificate files, reloaded when they change.
 """
 
 from .grpc import GrpcStatusError
 from .h2.frames import PREFACE, frame
 from .limits import DEFAULT_LIMITS, H2Limits
 from .server import EOF, GrpcError, GrpcServer, GrpcStream
+from .tls import ReloadingTls, TlsFiles, grpcio_credentials
 
 __all__ = ["DEFAULT_LIMITS", "EOF", "PREFACE", "GrpcError", "GrpcServer", "GrpcStatusError", "GrpcStream",
-           "H2Limits", "frame"]
+           "H2Limits", "ReloadingTls", "TlsFiles", "frame", "grpcio_credentials"]

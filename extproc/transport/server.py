@@ -17,6 +17,7 @@ from .h2 import events as ev
 from .h2.connection import H2ServerConnection
 from .h2.frames import E_INTERNAL_ERROR
 from .limits import DEFAULT_LIMITS, H2Limits
+from .tls import ReloadingTls
 
 log = logging.getLogger("ai_lb.h2")
 
@@ -307,10 +308,12 @@ class H2Protocol(asyncio.Protocol):
 
 
 class GrpcServer:
-    """Serves registered methods (``/package.Service/Method``) on one TCP listener."""
+    """Serves registered methods (``/package.Service/Method``) on one TCP listener, in
+    cleartext (h2c, prior knowledge) or, with ``tls``, over TLS (ALPN h2)."""
 
-    def __init__(self, limits: H2Limits | None = None) -> None:
+    def __init__(self, limits: H2Limits | None = None, tls: ReloadingTls | None = None) -> None:
         self.limits = limits or DEFAULT_LIMITS
+        self.tls = tls
         self.methods: dict[str, Method] = {}
         self.connections: set[H2Protocol] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -321,13 +324,19 @@ class GrpcServer:
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: H2Protocol(self), host, port, reuse_address=True, backlog=1024)
+        tls = {} if self.tls is None else {"ssl": self.tls.listener, "ssl_handshake_timeout": self.limits.handshake_timeout}
+        self._server = await loop.create_server(lambda: H2Protocol(self), host, port, reuse_address=True, backlog=1024,
+                                                **tls)
+        if self.tls is not None:
+            self.tls.start()
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
     async def stop(self, grace: float) -> None:
         if self._server is not None:
             self._server.close()
+        if self.tls is not None:
+            await self.tls.stop()
         for c in list(self.connections):
             c.shutdown()
         loop = asyncio.get_running_loop()

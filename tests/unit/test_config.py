@@ -69,7 +69,7 @@ def test_unknown_fields_at_every_level():
     assert any(p.startswith("servr: unknown field") for p in ps)
     assert any(p.startswith("server.listn: unknown field; allowed:") and "listen" in p for p in ps)
     assert any(p.startswith("routes.r.lb_confg: unknown field") for p in ps)
-    assert any(p.startswith("routes.r.endpoints.dns: unknown field; allowed: cluster, static") for p in ps)
+    assert any(p.startswith("routes.r.endpoints.dns: unknown field; allowed: cluster, kubernetes, static") for p in ps)
 
 
 def test_lb_config_field_checked_against_the_policy():
@@ -150,3 +150,75 @@ def test_secret_values_are_never_echoed_in_errors():
                     "password: 98765431}, endpoints: {static: ['1.2.3.4:1']}}}")
     assert p == "routes.r.lb_config.password: expected a string, got <redacted>"
     assert "98765431" not in p
+
+
+def test_higress_block_without_endpoints_reads_the_routes_own_cluster():
+    c = parse_config("server: {envoy_admin: 'http://127.0.0.1:9901'}\n"
+                     "routes: {llm: {lb_type: endpoint, lb_policy: global_least_request, "
+                     "lb_config: {serviceFQDN: redis.static, servicePort: 6379, username: default, password: '123456'}}}")
+    assert c.routes["llm"].endpoints.route_cluster and c.routes["llm"].endpoints.source is None
+
+
+def test_kubernetes_endpoints_and_their_problems():
+    c = parse_config("routes:\n"
+                     "  a: {lb_policy: random, endpoints: {kubernetes: {namespace: llm, inference_pool: vllm}}}\n"
+                     "  b: {lb_policy: random, endpoints: {kubernetes: {selector: {app: vllm, gpu: true}, port: 8000}}}\n"
+                     "  c: {lb_policy: random, endpoints: {kubernetes: {service: vllm, port: http}}}\n")
+    a, b, s = (c.routes[n].endpoints.kubernetes for n in "abc")
+    assert (a.namespace, a.inference_pool) == ("llm", "vllm") and a.key == "k8s:llm/inferencepools/vllm"
+    assert b.selector == (("app", "vllm"), ("gpu", "true")) and b.port == 8000
+    assert s.service == "vllm" and s.port == "http"
+    ps = problems("routes:\n"
+                  "  a: {lb_policy: random, endpoints: {kubernetes: {inference_pool: p, service: s}}}\n"
+                  "  b: {lb_policy: random, endpoints: {kubernetes: {selector: {app: x}}}}\n"
+                  "  c: {lb_policy: random, endpoints: {kubernetes: {selector: {app: x}, port: http}}}\n"
+                  "  d: {lb_policy: random, endpoints: {kubernetes: {service: s, port: 70000, ns: x}}}\n"
+                  "  e: {lb_policy: random, endpoints: {kubernetes: {}}}\n")
+    assert "routes.a.endpoints.kubernetes: give exactly one of inference_pool, selector, service (got inference_pool, service)" in ps
+    assert "routes.b.endpoints.kubernetes.port: required with 'selector' (the pods' serving port)" in ps
+    assert "routes.c.endpoints.kubernetes.port: a port name works with 'service' only; give a number" in ps
+    assert any(p.startswith("routes.d.endpoints.kubernetes.port: expected a port number") for p in ps)
+    assert any(p.startswith("routes.d.endpoints.kubernetes.ns: unknown field") for p in ps)
+    assert "routes.e.endpoints.kubernetes: give exactly one of inference_pool, selector, service" in ps
+
+
+def test_server_tls_health_listen_fallbacks_body_mode_and_log_format():
+    c = parse_config("log_format: json\n"
+                     "server: {tls: {cert: /c.pem, key: /k.pem, client_ca: /ca.pem}, health_listen: '0.0.0.0:8081', "
+                     "fallback_endpoints: 3, body_mode: buffered}\n"
+                     "routes: {r: {lb_policy: random, fallback_endpoints: 0, body_mode: buffered_partial, "
+                     "endpoints: {static: ['1.2.3.4:1']}}}")
+    assert c.log_format == "json" and c.server.tls.client_ca == "/ca.pem" and c.server.health_listen == "0.0.0.0:8081"
+    assert (c.server.fallback_endpoints, c.server.body_mode) == (3, "buffered")
+    assert (c.routes["r"].fallback_endpoints, c.routes["r"].body_mode) == (0, "buffered_partial")
+    ps = problems("log_format: xml\nserver: {tls: {cert: /c.pem}, health_listen: nowhere, fallback_endpoints: -1}\n"
+                  "routes: {r: {lb_policy: random, body_mode: streamed, fallback_endpoints: many, "
+                  "endpoints: {static: ['1.2.3.4:1']}}}")
+    assert "log_format: unknown format 'xml'; allowed: text, json" in ps
+    assert "server.tls.key: required" in ps
+    assert "server.health_listen: expected host:port, got 'nowhere'" in ps
+    assert "server.fallback_endpoints: must be >= 0" in ps
+    assert "routes.r.body_mode: unknown body mode 'streamed'; allowed: buffered_partial, buffered" in ps
+    assert "routes.r.fallback_endpoints: expected an integer >= 0, got 'many'" in ps
+
+
+def test_json_logs_are_one_object_per_line(capsys):
+    import json
+    import logging
+
+    from extproc.cli import setup_logging
+
+    setup_logging("info", "json")
+    try:
+        logging.getLogger("ai_lb.test").warning("route %s: %s", "llm", 'quote " and\nnewline')
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("ai_lb.test").exception("failed")
+    finally:
+        setup_logging("warning", "text")
+    lines = capsys.readouterr().err.strip().splitlines()
+    first, second = (json.loads(x) for x in lines)
+    assert first["message"] == 'route llm: quote " and\nnewline' and first["level"] == "warning"
+    assert first["logger"] == "ai_lb.test" and first["time"].endswith("Z")
+    assert second["message"] == "failed" and "ValueError: boom" in second["exception"]

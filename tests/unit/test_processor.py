@@ -87,8 +87,8 @@ registry.register(Recorder)
 CONFIG = """
 plugins: [plugins.model_pin]
 routes:
-  llm: {lb_policy: %s, endpoints: {static: ["10.0.0.1:80", "10.0.0.2:80"]}}
-  body: {lb_policy: test_model_pin, endpoints: {static: ["10.0.0.1:80", "10.0.0.2:80"]}}
+  llm: {lb_policy: %s, fallback_endpoints: 0, endpoints: {static: ["10.0.0.1:80", "10.0.0.2:80"]}}
+  body: {lb_policy: test_model_pin, fallback_endpoints: 0, endpoints: {static: ["10.0.0.1:80", "10.0.0.2:80"]}}
   empty: {lb_policy: round_robin, endpoints: {cluster: nothing}}
   "off": {lb_policy: round_robin, enabled: false}
 server: {envoy_admin: "http://127.0.0.1:1"}
