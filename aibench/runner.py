@@ -78,13 +78,15 @@ def scaled_gpu_blocks(sim_args: list[str], scale: float) -> int:
 
 async def measure_capacity(backends: Backends, w: Workload, seconds: float, max_prompt_tokens: int | None = None) -> float:
     """Completed requests/s when the backends are saturated (client-side round robin,
-    non-streaming, requests drawn from the workload)."""
+    non-streaming, requests drawn from the workload), counted over the last two thirds of
+    the window: the first third fills the queues (long prompts take seconds to come back)."""
     import aiohttp
 
     reqs = [c.request(0, max_prompt_tokens) for c in w.conversations[:2000]]
     reqs = reqs or [("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 16})]
     conc = 16 * len(backends.addresses)
     done = 0
+    warm = time.monotonic() + seconds / 3
     deadline = time.monotonic() + seconds
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         async def worker(i: int) -> None:
@@ -98,13 +100,12 @@ async def measure_capacity(backends: Backends, w: Workload, seconds: float, max_
                     async with s.post(f"http://{addr}{path}", json={**body, "model": backends.model},
                                       timeout=aiohttp.ClientTimeout(total=max(1.0, deadline - time.monotonic() + 5))) as r:
                         await r.read()
-                        if r.status == 200 and time.monotonic() <= deadline:
+                        if r.status == 200 and warm <= time.monotonic() <= deadline:
                             done += 1
                 except Exception:  # noqa: BLE001
                     pass
-        t0 = time.monotonic()
         await asyncio.gather(*(worker(i) for i in range(conc)))
-    return done / max(time.monotonic() - t0, 1e-9)
+    return done / max(deadline - warm, 1e-9)
 
 
 def _served(results: list[loadgen.Result], system, before) -> tuple[str, dict[str, float]]:

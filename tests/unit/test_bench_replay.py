@@ -125,3 +125,21 @@ def test_sampling_request_logs_keeps_whole_sessions(tmp_path):
     kept = {c.session for c in w.conversations}
     assert 3 < len(kept) < 17
     assert w.requests == sum(1 for x in lines if x["session"] in kept)
+
+
+def test_trace_scaling_reaches_the_simulator():
+    from aibench import runner
+
+    plan = runner.Plan(workload=f"trace:{EXCERPT}", replay=replay.ReplayOptions(token_scale=0.25))
+    args = runner.sim_args_for(plan, ["--stream-chunk-tokens", "4"])
+    # The default profile's 28,672 KV blocks scaled like the tokens; a context long enough for
+    # the largest request; the user's flags last (they win).
+    assert args[args.index("--num-gpu-blocks") + 1] == str(28672 // 4)
+    assert int(args[args.index("--max-model-len") + 1]) >= plan.build(1.0).info["max_request_tokens"]
+    assert args[-2:] == ["--stream-chunk-tokens", "4"]
+    mine = runner.sim_args_for(plan, ["--num-gpu-blocks", "999"])
+    assert mine.count("--num-gpu-blocks") == 1 and mine[-1] == "999"
+    small = runner.Plan(workload=f"trace:{EXCERPT}", replay=replay.ReplayOptions(token_scale=1 / 32))
+    assert "--max-model-len" not in runner.sim_args_for(small, [])  # fits the default 8k
+    syn = runner.sim_args_for(runner.Plan(workload="shared-prefix"), ["--num-gpu-blocks", "4096"])
+    assert syn == ["--num-gpu-blocks", "8192", "--num-gpu-blocks", "4096"]
