@@ -196,4 +196,7 @@ def levels(plan: Plan, fleet, backends: Backends, loads: list[float] | None, rat
     cap = asyncio.run(measure_capacity(backends, probe, calibrate_s, plan.max_prompt_tokens))
     meta["capacity_rps"] = cap
     print(f"capacity: {cap:.1f} req/s", file=sys.stderr)
+    if cap <= 0:
+        raise RuntimeError(f"no request completed in the last {calibrate_s * 2 / 3:.0f} s of the calibration: "
+                           "slow backends need a longer --calibrate, or give --rate")
     return [(x, x * cap / turns) for x in (loads or [0.5])]
