@@ -103,8 +103,10 @@ def parser() -> argparse.ArgumentParser:
 
 def plan_from(a: argparse.Namespace, out: Path) -> runner.Plan:
     if not replay.is_replay(a.workload) and a.workload not in workloads.WORKLOADS:
-        raise SystemExit(f"ai-lb bench: unknown workload {a.workload!r}; choose from "
+        raise ValueError(f"unknown workload {a.workload!r}; choose from "
                          f"{', '.join(workloads.WORKLOADS)}, trace:FILE, requests:FILE")
+    if replay.is_replay(a.workload) and not Path(a.workload.split(":", 1)[1]).is_file():
+        raise ValueError(f"{a.workload}: no such file")
     opts = replay.ReplayOptions(window=replay.parse_window(a.replay_window), sample=a.replay_sample,
                                 speed=a.replay_speed, token_scale=a.trace_token_scale)
     return runner.Plan(workload=a.workload, seed=a.seed, duration=a.duration, params=dict(a.workload_param),

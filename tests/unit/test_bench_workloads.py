@@ -92,3 +92,16 @@ def test_cap_prompt_keeps_the_beginning():
     c = max(w.conversations, key=lambda c: len(c.turns))
     caps = [c.request(k, 300)[1]["messages"] for k in range(len(c.turns))]
     assert all(x[0] == caps[0][0] for x in caps)
+
+
+def test_cli_refuses_unknown_workloads_and_missing_files(tmp_path, capsys):
+    from aibench import cli
+
+    assert cli.main(["--workload", "nope", "--out", str(tmp_path / "a")]) == 2
+    assert cli.main(["--workload", f"trace:{tmp_path}/missing.jsonl", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown workload 'nope'" in err and "missing.jsonl: no such file" in err
+    assert not (tmp_path / "a").exists()
+    text = cli.parser().format_help()
+    assert "``" not in text and "(default: shared-prefix)" in text and "ai-lb:prefix_cache" in text
+    assert "no-sharing-heavy" in text and "ai-lb bench compare A B" in text
