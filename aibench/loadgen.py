@@ -3,6 +3,18 @@
 Client-side timings per request: TTFT (first SSE chunk that carries generated text: the
 role chunk and empty chunks do not count, as in vLLM's own streams), mean inter-token
 latency (gap between text chunks divided by the tokens they carried), end-to-end latency.
+
+A 200 whose stream ends properly (``[DONE]`` or a ``finish_reason``) without any text is
+an *empty completion*: ok, its TTFT taken at the finishing chunk, its output tokens what
+the server's usage reports (0 if none). A random-weight model asked for one token often
+samples one that decodes to nothing. A 200 stream that stops without either is a failure
+(``truncated``).
+
+Which backend served a request is read from the response, from a signal the system under
+test adds itself: ``x-aibench-upstream`` (Envoy's ``%UPSTREAM_HOST%``, added by the
+bench's Envoy configs) or ``x-oracle-pick``; empty when the system says nothing (the
+Rust routers: the harness counts their picks from their metrics instead).
+
 Every run is bounded: no conversation starts after the workload's duration, and whatever
 is still running ``grace_s`` later is cancelled and counted as a timeout.
 """
@@ -15,9 +27,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from .workloads import Workload
+from .stats import percentile, summarize  # noqa: F401 - re-exported
+from .traffic import Workload
 
-CHAT = "/v1/chat/completions"
+UPSTREAM_HEADER = "x-aibench-upstream"
+SERVED_BY_HEADERS = (UPSTREAM_HEADER, "x-oracle-pick")
 
 
 @dataclass
@@ -33,6 +47,10 @@ class Result:
     prompt_tokens: int = 0
     output_tokens: int = 0
     served_by: str = ""
+    empty: bool = False            # a 200 that generated no text
+    scheduled_s: float | None = None  # replay: the arrival the recording asked for
+    session: str | None = None
+    ref: int | None = None         # replay: line/row in the file
 
     @property
     def ok(self) -> bool:
@@ -51,19 +69,25 @@ class Progress:
         self.failed = 0
 
 
-async def one(session, url: str, model: str, messages: list[dict], max_tokens: int, r: Result,
-              timeout_s: float) -> None:
+def _has_text(line: bytes) -> bool:
+    return ((b'"content":"' in line and b'"content":""' not in line)
+            or (b'"text":"' in line and b'"text":""' not in line))
+
+
+async def one(session, url: str, path: str, body: dict, r: Result, timeout_s: float,
+              headers: dict[str, str] | None = None) -> None:
+    """Send one streamed request and fill ``r``."""
     import aiohttp
 
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first = last = None
+    first = last = finished = None
     gaps_tokens = 0
+    done = False
     try:
-        async with session.post(url + CHAT, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.post(url + path, json=body, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             r.status = resp.status
-            r.served_by = resp.headers.get("x-sim-server", "")
+            r.served_by = next((resp.headers[h] for h in SERVED_BY_HEADERS if resp.headers.get(h)), "")
             if resp.status != 200:
                 await resp.read()
                 r.error = f"HTTP {resp.status}"
@@ -72,19 +96,24 @@ async def one(session, url: str, model: str, messages: list[dict], max_tokens: i
                 if not line.startswith(b"data: "):
                     continue
                 if line.startswith(b"data: [DONE]"):
+                    done = True
                     break
-                if b'"usage"' in line and b'"choices":[]' in line:
+                if line.startswith(b'data: {"error"'):
+                    r.error = "error in stream"
+                    return
+                if b'"usage":{' in line:
                     u = json.loads(line[6:]).get("usage") or {}
-                    r.prompt_tokens = int(u.get("prompt_tokens", 0))
-                    r.output_tokens = int(u.get("completion_tokens", 0))
-                    continue
-                if b'"content":"' in line and b'"content":""' not in line:
+                    r.prompt_tokens = int(u.get("prompt_tokens") or 0)
+                    r.output_tokens = int(u.get("completion_tokens") or 0)
+                if _has_text(line):
                     now = time.perf_counter()
                     if first is None:
                         first = now
                     else:
                         gaps_tokens += 1
                     last = now
+                if finished is None and b'"finish_reason":"' in line:
+                    finished = time.perf_counter()
     except asyncio.CancelledError:
         r.error = "timeout"
         raise
@@ -93,6 +122,10 @@ async def one(session, url: str, model: str, messages: list[dict], max_tokens: i
         return
     finally:
         r.e2e_s = time.perf_counter() - t0 if r.error is None else None
+    if not done and finished is None:
+        r.error = "truncated"
+        r.e2e_s = None
+        return
     if first is not None:
         r.ttft_s = first - t0
         # Chunks may carry several tokens: spread the decode time over the generated tokens.
@@ -100,12 +133,21 @@ async def one(session, url: str, model: str, messages: list[dict], max_tokens: i
         if n > 0 and last is not None and last > first:
             r.itl_s = (last - first) / n
     else:
-        r.error = r.error or "no tokens"
+        r.empty = True
+        r.ttft_s = (finished - t0) if finished is not None else r.e2e_s
+
+
+def prepare(body: dict, model: str) -> dict:
+    body["model"] = model
+    body["stream"] = True
+    body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return body
 
 
 async def run(url: str, workload: Workload, model: str = "sim-model", grace_s: float = 30.0,
               request_timeout_s: float = 120.0, progress: Progress | None = None,
-              on_tick: Callable[[], None] | None = None) -> tuple[list[Result], float]:
+              on_tick: Callable[[], None] | None = None, max_prompt_tokens: int | None = None,
+              session_header: str | None = "x-session-id") -> tuple[list[Result], float]:
     """Drive ``workload`` at ``url``; returns the results and the run's wall time."""
     import aiohttp
 
@@ -117,20 +159,24 @@ async def run(url: str, workload: Workload, model: str = "sim-model", grace_s: f
     async def conversation(c) -> None:
         await asyncio.sleep(max(0.0, t0 + c.start_s - loop.time()))
         for k, turn in enumerate(c.turns):
-            if k:
+            if turn.at_s is not None:  # replay: the recorded arrival, never before the previous answer
+                await asyncio.sleep(max(0.0, t0 + turn.at_s - loop.time()))
+            elif k:
                 await asyncio.sleep(turn.think_s)
                 if loop.time() > stop_at + grace_s / 2:
                     return
-            r = Result(c.cid, k, loop.time() - t0)
+            path, body = c.request(k, max_prompt_tokens)
+            r = Result(c.cid, k, loop.time() - t0, scheduled_s=turn.at_s, session=c.session, ref=turn.ref)
             results.append(r)
+            hdrs = {session_header: c.session} if session_header and c.session is not None else None
             try:
-                await one(session, url, model, c.messages(k), turn.max_tokens, r, request_timeout_s)
+                await one(session, url, path, prepare(body, model), r, request_timeout_s, hdrs)
             finally:
                 if progress:
                     progress.done += 1
                     progress.failed += not r.ok
-            if not r.ok:
-                return  # a conversation does not go on after a failed turn
+            if not r.ok and turn.at_s is None:
+                return  # a chat does not go on after a failed turn (its history needs the answer)
 
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -150,39 +196,3 @@ async def run(url: str, workload: Workload, model: str = "sim-model", grace_s: f
         if ticker:
             ticker.cancel()
     return results, loop.time() - t0
-
-
-def percentile(xs: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100) of a non-empty list, else None."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    if len(s) == 1:
-        return s[0]
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def summarize(results: list[Result], wall_s: float) -> dict:
-    ok = [r for r in results if r.ok]
-    out: dict = {"requests": len(results), "ok": len(ok), "failed": len(results) - len(ok),
-                 "errors": {}, "wall_s": wall_s,
-                 "throughput_rps": len(ok) / wall_s if wall_s > 0 else 0.0,
-                 "output_tokens_per_s": sum(r.output_tokens for r in ok) / wall_s if wall_s > 0 else 0.0}
-    for r in results:
-        if not r.ok:
-            k = r.error or f"HTTP {r.status}"
-            out["errors"][k] = out["errors"].get(k, 0) + 1
-    for name, vals in (("ttft", [r.ttft_s for r in ok if r.ttft_s is not None]),
-                       ("itl", [r.itl_s for r in ok if r.itl_s is not None]),
-                       ("e2e", [r.e2e_s for r in ok if r.e2e_s is not None])):
-        for q in (50, 90, 99):
-            out[f"{name}_p{q}_s"] = percentile(vals, q)
-        out[f"{name}_mean_s"] = sum(vals) / len(vals) if vals else None
-    served: dict[str, int] = {}
-    for r in ok:
-        served[r.served_by] = served.get(r.served_by, 0) + 1
-    out["served_by"] = served
-    return out

@@ -1,5 +1,9 @@
 """CPU of every component, and whether the machine itself was saturated.
 
+A component is a pid or a list of pids; its CPU includes every descendant process (a vLLM
+server is an API process, an engine-core process and a worker), except for the load
+generator, whose children are the systems under test.
+
 A benchmark whose load generator, gateway and simulated backends fight for the same cores
 measures the machine, not the load balancer; the report says so instead of publishing a
 meaningless number.
@@ -23,6 +27,30 @@ def proc_cpu_s(pid: int) -> float | None:
         return None
 
 
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree(roots: list[int], kids: dict[int, list[int]]) -> list[int]:
+    out, todo = [], list(roots)
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.append(p)
+            todo.extend(kids.get(p, []))
+    return out
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy jiffies, total jiffies) over all CPUs."""
     with open("/proc/stat") as f:
@@ -34,13 +62,13 @@ def machine_busy() -> tuple[float, float]:
 class CpuMonitor:
     """Samples component CPU and machine load every ``interval`` seconds in a thread."""
 
-    def __init__(self, pids: dict[str, int], interval: float = 0.5, saturated_at: float = 0.9) -> None:
+    def __init__(self, pids: dict[str, int | list[int]], interval: float = 0.5, saturated_at: float = 0.9) -> None:
         self.pids = dict(pids)
         self.pids.setdefault("load-generator", os.getpid())
         self.interval = interval
         self.saturated_at = saturated_at
-        self._start: dict[str, float] = {}
-        self._end: dict[str, float] = {}
+        self._start: dict[str, dict[int, float]] = {}
+        self._end: dict[str, dict[int, float]] = {}
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -48,7 +76,7 @@ class CpuMonitor:
 
     def __enter__(self) -> "CpuMonitor":
         self.t0 = time.monotonic()
-        self._start = {k: v for k, p in self.pids.items() if (v := proc_cpu_s(p)) is not None}
+        self._start = self._sample()
         self._thread.start()
         return self
 
@@ -56,7 +84,18 @@ class CpuMonitor:
         self._stop.set()
         self._thread.join(5)
         self.t1 = time.monotonic()
-        self._end = {k: v for k, p in self.pids.items() if (v := proc_cpu_s(p)) is not None}
+        self._end = self._sample()
+
+    def _sample(self) -> dict[str, dict[int, float]]:
+        kids = _children()
+        out = {}
+        for name, p in self.pids.items():
+            roots = [p] if isinstance(p, int) else list(p)
+            pids = roots if name == "load-generator" else tree(roots, kids)
+            cpu = {q: v for q in pids if (v := proc_cpu_s(q)) is not None}
+            if cpu:
+                out[name] = cpu
+        return out
 
     def _run(self) -> None:
         b0, t0 = machine_busy()
@@ -68,9 +107,11 @@ class CpuMonitor:
 
     def report(self) -> dict:
         wall = max(self.t1 - self.t0, 1e-9)
-        comps = {k: {"cpu_s": round(self._end[k] - self._start[k], 3),
-                     "cores": round((self._end[k] - self._start[k]) / wall, 3)}
-                 for k in self._start if k in self._end}
+        comps = {}
+        for k, end in self._end.items():
+            start = self._start.get(k, {})
+            used = sum(v - start.get(q, 0.0) for q, v in end.items())
+            comps[k] = {"cpu_s": round(used, 3), "cores": round(used / wall, 3), "processes": len(end)}
         busy = [s for s in self.samples]
         frac_saturated = sum(s >= self.saturated_at for s in busy) / len(busy) if busy else 0.0
         return {"components": comps, "machine_busy_mean": round(sum(busy) / len(busy), 3) if busy else None,

@@ -27,7 +27,11 @@ Estimated TTFT on backend *b*, in simulated milliseconds (constants from the def
   one is charged like a typical 1000-token prefill.
 
 Ties go to the backend with the fewest of our in-flight requests, then round robin. A backend whose
-probes fail is skipped; if all fail the oracle falls back to round robin.
+probes fail is skipped; if all fail the request goes round robin, and ``/oracle/stats`` counts it
+(``probe_failures``): the harness then reports the oracle's row as degraded, never ``ok``.
+
+It refuses to start unless every backend answers ``GET /sim/state`` (a real vLLM or SGLang server,
+or the simulator with ``--no-sim-api``, cannot tell it its cache).
 
 Everything else is a transparent reverse proxy: the status, content type and body (SSE included,
 chunk by chunk) come back unchanged, plus ``x-oracle-pick: <ip:port>``.
@@ -84,7 +88,9 @@ class Oracle:
     pending_prefill: dict[str, int] = field(default_factory=dict)
     inflight: dict[str, int] = field(default_factory=dict)
     picks: dict[str, int] = field(default_factory=dict)
-    fallbacks: int = 0
+    fallbacks: int = 0          # requests sent round robin (no body to probe, or every probe failed)
+    decisions: int = 0          # inference requests probed
+    probe_failures: int = 0     # ... of which every probe failed
     block_size: int = 16   # the simulators' KV block size (read from /sim/state at open)
     _rr: Any = None
     session: aiohttp.ClientSession | None = None
@@ -108,9 +114,11 @@ class Oracle:
         for b in self.backends:  # block hashes must be computed at the servers' block size
             try:
                 async with self.probe_session.get(f"http://{b}/sim/state") as r:
-                    self.block_size = int((await r.json(content_type=None)).get("block_size", self.block_size))
+                    state = await r.json(content_type=None) if r.status == 200 else None
+                if isinstance(state, dict) and "block_size" in state:
+                    self.block_size = int(state["block_size"])
                     break
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TypeError):
                 continue
 
     async def close(self) -> None:
@@ -164,11 +172,13 @@ class Oracle:
         if body is None:
             self.fallbacks += 1
             return next(self._rr), 0
+        self.decisions += 1
         probe = self.probe_body(body)
         views = await asyncio.gather(*(self._probe(b, probe) for b in self.backends))
         ok = [v for v in views if v.ok]
         if not ok:
             self.fallbacks += 1
+            self.probe_failures += 1
             return next(self._rr), 0
         start = next(self._rr)  # rotating tie-break
         order = {b: (i - self.backends.index(start)) % len(self.backends) for i, b in enumerate(self.backends)}
@@ -181,7 +191,8 @@ class Oracle:
             return web.Response(text="OK")
         if request.path == "/oracle/stats":
             return web.json_response({"picks": self.picks, "inflight": self.inflight,
-                                      "pending_prefill": self.pending_prefill, "fallbacks": self.fallbacks})
+                                      "pending_prefill": self.pending_prefill, "fallbacks": self.fallbacks,
+                                      "decisions": self.decisions, "probe_failures": self.probe_failures})
         body = await request.read()
         is_inference = request.method == "POST" and request.path in INFERENCE_PATHS and body
         addr, charged = await self.choose(body if is_inference else None)
@@ -250,7 +261,30 @@ def make_app(oracle: Oracle) -> web.Application:
     return app
 
 
+async def not_simulators(backends: list[str], timeout: float = 5.0) -> list[str]:
+    """The backends that do not answer ``GET /sim/state`` (so are not simulators with their API on)."""
+    bad = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+        for b in backends:
+            try:
+                async with s.get(f"http://{b}/sim/state") as r:
+                    ok = r.status == 200 and "block_size" in await r.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                ok = False
+            if not ok:
+                bad.append(b)
+    return bad
+
+
+REFUSAL = ("the oracle needs the simulator's /sim/* API on every backend, and {bad} lack it (a real "
+           "vLLM/SGLang server, or vllmsim --no-sim-api): it cannot see their caches, so it refuses to run")
+
+
 async def serve(host: str, port: int, backends: list[str]) -> None:
+    bad = await not_simulators(backends)
+    if bad:
+        print("oracle: " + REFUSAL.format(bad=", ".join(bad)), file=sys.stderr, flush=True)
+        raise SystemExit(2)
     oracle = Oracle(backends)
     runner = web.AppRunner(make_app(oracle), access_log=None, handler_cancellation=True)
     await runner.setup()

@@ -13,26 +13,18 @@
 
 Every ``start`` is bounded (``start_timeout``, 30 s by default, not counting a first-time router
 install) and on failure stops what it started and raises ``RuntimeError`` with the log tails.
-``stop`` is idempotent. Logs go to ``workdir/<system name>/``.
+``stop`` is idempotent. Logs go to ``workdir/<system name>/``. After a run the harness asks
+``served_counts()`` (picks per backend from the system's own metrics, if it has them) and
+``verdict()`` (whether it did its job: the oracle is "degraded" when it could not probe).
+Names, specs and the default list: ``catalog.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 from .api import Backends, System
+from .catalog import default_systems, make_system
 from .envoy import EnvoyAiLb, EnvoyNative, native_envoy_config
 from .peers import Oracle, SglangRouter, VllmRouter, ensure_router_venv, router_venv
 
 __all__ = ["Backends", "System", "EnvoyNative", "EnvoyAiLb", "SglangRouter", "VllmRouter", "Oracle",
-           "ensure_router_venv", "router_venv", "native_envoy_config", "SYSTEM_FACTORIES"]
-
-SYSTEM_FACTORIES: dict[str, Callable[[], Any]] = {
-    "envoy-rr": lambda: EnvoyNative("round_robin"),
-    "envoy-lr": lambda: EnvoyNative("least_request"),
-    "ai-lb-lr": lambda: EnvoyAiLb("least_request"),
-    "ai-lb-prefix": lambda: EnvoyAiLb("prefix_cache"),
-    "sglang-cache-aware": lambda: SglangRouter("cache_aware"),
-    "vllm-router-cache-aware": lambda: VllmRouter("cache_aware"),
-    "oracle": lambda: Oracle(),
-}
+           "ensure_router_venv", "router_venv", "native_envoy_config", "default_systems", "make_system"]

@@ -14,7 +14,7 @@ class Backends:
     addresses: list[str]                 # "127.0.0.1:18000", ...
     model: str = "sim-model"
     admin_url: str | None = None         # vllmsim cluster admin (for the oracle): http://127.0.0.1:P
-    pids: dict[str, int] = field(default_factory=dict)
+    pids: dict[str, int | list[int]] = field(default_factory=dict)
 
 
 class System(Protocol):
@@ -29,4 +29,12 @@ class System(Protocol):
 
     def pids(self) -> dict[str, int]:
         """Component name -> pid, for CPU accounting (e.g. {"envoy": 123, "ai-lb": 456})."""
+        ...
+
+    def served_counts(self) -> tuple[str, dict[str, float]] | None:
+        """(source, backend -> requests so far) from the system's own metrics, if it has them."""
+        ...
+
+    def verdict(self) -> tuple[str, list[str]]:
+        """("ok" | "degraded", notes): whether the system did its job during the run."""
         ...

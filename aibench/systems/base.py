@@ -111,5 +111,15 @@ class _Base:
     def pids(self) -> dict[str, int]:
         return {p.name: p.p.pid for p in self.procs if p.alive()}
 
+    # What the harness asks a running system after the load (defaults: nothing to add).
+    def served_counts(self) -> tuple[str, dict[str, float]] | None:
+        """(source, backend address -> requests so far) when the system counts its picks
+        itself (its metrics); None when it does not, or tells per response instead."""
+        return None
+
+    def verdict(self) -> tuple[str, list[str]]:
+        """("ok" | "degraded", notes) about whether the system did its job during the run."""
+        return "ok", []
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

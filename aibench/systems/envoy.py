@@ -32,12 +32,29 @@ def _set_backend_addresses(cfg: dict, addresses: list[str]) -> None:
                 for h, p in map(_split, addresses)]
 
 
+UPSTREAM_HEADER = "x-aibench-upstream"
+
+
+def add_upstream_header(cfg: dict) -> dict:
+    """Every response names the backend that served it (Envoy's ``%UPSTREAM_HOST%``, the
+    address Envoy connected to), whatever chose it: Envoy's own LB or ai-lb's pick."""
+    for lst in cfg["static_resources"]["listeners"]:
+        for chain in lst["filter_chains"]:
+            for f in chain["filters"]:
+                rc = f.get("typed_config", {}).get("route_config")
+                if rc is not None:
+                    rc.setdefault("response_headers_to_add", []).append(
+                        {"header": {"key": UPSTREAM_HEADER, "value": "%UPSTREAM_HOST%"},
+                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"})
+    return cfg
+
+
 def _render(dst: Path, ports: ds.EnvoyPorts, addresses: list[str]) -> dict:
-    """The reference config with our ports and the real backend addresses."""
+    """The reference config with our ports, the real backend addresses and the upstream header."""
     ds.render_envoy(dst, ports, [_split(a)[1] for a in addresses])
     cfg = yaml.safe_load(dst.read_text())
     _set_backend_addresses(cfg, addresses)
-    return cfg
+    return add_upstream_header(cfg)
 
 
 def native_envoy_config(cfg: dict, policy: str) -> dict:
@@ -124,6 +141,26 @@ class EnvoyAiLb(_EnvoyBase):
         self.store = store
         self.name = name or f"ai-lb-{policy.replace('_', '-')}" + ("-redis" if store != "memory" else "")
         self.metrics_port = 0
+        self._fallbacks0: dict[str, float] = {}
+
+    def _fallbacks(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        code, text = _http_ok(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2)
+        if code != 200:
+            return {}
+        return {s.labels.get("reason", "?"): s.value for fam in text_string_to_metric_families(text)
+                for s in fam.samples if s.name == "ai_lb_fallbacks_total"}
+
+    def verdict(self) -> tuple[str, list[str]]:
+        """ai-lb handing requests to Envoy's own LB is fail-open working as designed, but the
+        policy did not pick those: say how many and why."""
+        now = self._fallbacks()
+        d = {k: v - self._fallbacks0.get(k, 0.0) for k, v in now.items() if v - self._fallbacks0.get(k, 0.0) > 0}
+        if not d:
+            return "ok", []
+        why = ", ".join(f"{k} {v:.0f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+        return "ok", [f"ai-lb fell back to Envoy's load balancing for {sum(d.values()):.0f} requests ({why})"]
 
     def _healthy_endpoints(self) -> float:
         from prometheus_client.parser import text_string_to_metric_families
@@ -150,6 +187,7 @@ class EnvoyAiLb(_EnvoyBase):
         self._spawn("ai-lb", [ds.PY, "-m", "extproc", "serve", "-c", str(cfg_path)])
         self._wait(lambda: _port_open(grpc), f"ai-lb gRPC port :{grpc}")
         self._start_envoy(_render(self.logdir / "envoy.yaml", self.ports, backends.addresses), n)
+        self._fallbacks0 = self._fallbacks()
         self._wait(lambda: all(ds.envoy_host_health(admin, "ai_lb").values() or [False]),
                    "Envoy sees ai-lb healthy (gRPC health check)")
         self._wait(lambda: self._healthy_endpoints() >= n,

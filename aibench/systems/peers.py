@@ -73,6 +73,7 @@ class _RustRouter(_Base):
         self.install = install
         self.name = name or f"{self.proc_name}-{policy.replace('_', '-')}"
         self.port = 0
+        self.metrics_port = 0
         self.command: list[str] = []
         self._exe_path = Path()
 
@@ -112,14 +113,30 @@ class _RustRouter(_Base):
             self._wait(all_up, "every backend to answer GET /health with 200")
         except RuntimeError as e:
             raise RuntimeError(f"{e}; not answering: {', '.join(down)}") from None
-        self.port, metrics_port = ds.free_ports(2)
+        self.port, self.metrics_port = ds.free_ports(2)
         workers = [f"http://{a}" for a in backends.addresses]
-        self.command = self.argv(self._exe_path, self.port, metrics_port, workers) + self.extra_args
+        self.command = self.argv(self._exe_path, self.port, self.metrics_port, workers) + self.extra_args
         (self.logdir / "command.txt").write_text(" ".join(self.command) + "\n")  # type: ignore[union-attr]
         self._spawn(self.proc_name, self.command, env={"NO_COLOR": "1", "RUST_LOG_STYLE": "never"})
         n = len(workers)
         self._wait(lambda: self._ready(n), f"{self.proc_name} on :{self.port} ready with {n} healthy workers")
         return f"http://127.0.0.1:{self.port}"
+
+
+    # Neither router names the worker in its responses; both count requests per worker in
+    # their Prometheus metrics (label worker="http://ip:port").
+    served_metric = ""
+
+    def served_counts(self) -> tuple[str, dict[str, float]] | None:
+        code, text = _http_ok(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2)
+        if code != 200:
+            return None
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith(self.served_metric + "{") and 'worker="' in line:
+                w = line.split('worker="', 1)[1].split('"', 1)[0].removeprefix("http://").removeprefix("https://")
+                out[w] = out.get(w, 0.0) + float(line.rsplit(" ", 1)[1])
+        return f"{self.proc_name} metric {self.served_metric}", out
 
 
 def _cache_aware_defaults() -> list[str]:
@@ -132,6 +149,7 @@ class SglangRouter(_RustRouter):
 
     exe = "sglang-router"
     proc_name = "sglang-router"
+    served_metric = "smg_worker_cb_outcomes_total"  # its circuit breaker's outcome per request and worker
 
     def argv(self, exe: Path, port: int, metrics_port: int, workers: list[str]) -> list[str]:
         a = [str(exe), "launch", "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers,
@@ -159,6 +177,7 @@ class VllmRouter(_RustRouter):
 
     exe = "vllm-router"
     proc_name = "vllm-router"
+    served_metric = "vllm_router_processed_requests_total"
 
     def argv(self, exe: Path, port: int, metrics_port: int, workers: list[str]) -> list[str]:
         a = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers,
@@ -178,10 +197,42 @@ class Oracle(_Base):
     def __init__(self, name: str = "oracle", start_timeout: float = 30.0) -> None:
         super().__init__(start_timeout)
         self.name = name
+        self.port = 0
+        self._stats0: dict = {}
+
+    def start(self, backends: Backends, workdir: Path) -> str:
+        # Refuse before starting anything: not a start failure to debug, a system that cannot run here.
+        import asyncio
+
+        from ..oracle import REFUSAL, not_simulators
+
+        bad = asyncio.run(not_simulators(backends.addresses))
+        if bad:
+            raise RuntimeError(REFUSAL.format(bad=", ".join(bad)))
+        return super().start(backends, workdir)
 
     def _start(self, backends: Backends) -> str:
         (port,) = ds.free_ports(1)
+        self.port = port
         self._spawn("oracle", [ds.PY, "-m", "aibench.oracle", "--host", "127.0.0.1", "--port", str(port),
                                "--backends", ",".join(backends.addresses)])
         self._wait(lambda: _http_ok(f"http://127.0.0.1:{port}/oracle/health")[0] == 200, f"oracle on :{port}")
+        self._stats0 = self._stats()
         return f"http://127.0.0.1:{port}"
+
+    def _stats(self) -> dict:
+        import json
+
+        code, body = _http_ok(f"http://127.0.0.1:{self.port}/oracle/stats", timeout=2)
+        return json.loads(body) if code == 200 else {}
+
+    def verdict(self) -> tuple[str, list[str]]:
+        """Degraded whenever a decision could not see the caches (it went round robin)."""
+        s = self._stats()
+        if not s:
+            return "degraded", ["could not read /oracle/stats after the run"]
+        n = s.get("decisions", 0) - self._stats0.get("decisions", 0)
+        bad = s.get("probe_failures", 0) - self._stats0.get("probe_failures", 0)
+        if bad:
+            return "degraded", [f"{bad} of {n} decisions could not probe any backend and went round robin"]
+        return "ok", []

@@ -32,8 +32,12 @@ def test_tiny_bench_run_writes_complete_results(tmp_path):
         assert len(x["requests"]) == s["requests"]
         assert "load-generator" in x["cpu"]["components"] and "sim" in x["cpu"]["components"]
         assert sum(s["served_by"].values()) == s["ok"] and "" not in s["served_by"]
+        assert x["served_by_source"].startswith("response header x-aibench-upstream")
+        assert sum(x["backend_requests"].values()) == s["ok"]  # the backends' own counters agree
+        assert x["cache"]["state"] == "fresh" and x["prefix_cache"]["queries"] > 0
     assert "ai-lb" in by["ai-lb:least_request"]["cpu"]["components"]
     md = (out / "results.md").read_text()
     assert "**failed**" in md and "| envoy-rr |" in md
-    for png in ("ttft_cdf.png", "throughput.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "ttft_cdf.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "throughput.png").exists()  # one load: no throughput plot
+    assert "Against envoy-rr (the first system)" in md and "results in" in r.stdout

@@ -76,6 +76,8 @@ def exercise(system, backends: Backends, workdir: Path, n: int = 6) -> list[str]
             else:
                 assert json.loads(body)["choices"][0]["message"]["content"]
             served.append(headers["x-sim-server"])
+            if isinstance(system, (sysm.EnvoyNative, sysm.EnvoyAiLb)):  # the bench's own served-by signal
+                assert headers["x-aibench-upstream"] == f"127.0.0.1:{headers['x-sim-server']}"
     finally:
         system.stop()
     system.stop()  # idempotent

@@ -10,8 +10,8 @@ from aibench import loadgen, report, workloads
 
 
 def test_workloads_are_deterministic_and_shaped():
-    a = workloads.make("shared-prefix", 7, 20, 2.0)
-    b = workloads.make("shared-prefix", 7, 20, 2.0)
+    a = workloads.make("shared-prefix-small", 7, 20, 2.0)
+    b = workloads.make("shared-prefix-small", 7, 20, 2.0)
     assert [c.turns[0].user for c in a.conversations] == [c.turns[0].user for c in b.conversations]
     assert a.conversations and all(c.start_s < 20 for c in a.conversations)
     # Groups share their system prompt; the history grows turn by turn.
@@ -23,7 +23,7 @@ def test_workloads_are_deterministic_and_shaped():
     sizes = [len(c.messages(k)) for k in range(len(c.turns))]
     assert sizes == [2 + 2 * k for k in range(len(c.turns))]
     assert c.messages(1)[2] == {"role": "assistant", "content": c.turns[0].answer}
-    assert workloads.make("shared-prefix", 8, 20, 2.0).conversations[0].turns[0].user != a.conversations[0].turns[0].user
+    assert workloads.make("shared-prefix-small", 8, 20, 2.0).conversations[0].turns[0].user != a.conversations[0].turns[0].user
 
 
 def test_rates_and_heavy_tails():
@@ -61,7 +61,7 @@ def test_percentiles_and_summary():
 async def _sse_server(first_token_delay: float, gap: float, tokens: int):
     async def handler(req):
         body = await req.json()
-        r = web.StreamResponse(headers={"content-type": "text/event-stream", "x-sim-server": "fake"})
+        r = web.StreamResponse(headers={"content-type": "text/event-stream", "x-aibench-upstream": "fake"})
         await r.prepare(req)
         await r.write(b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n')
         await asyncio.sleep(first_token_delay)
@@ -134,12 +134,12 @@ def fake_run(ok_systems=("envoy-rr", "ai-lb:prefix_cache"), failed=("sglang-rout
 def test_report_files_are_complete_and_failures_reported(tmp_path):
     files = report.write(fake_run(), tmp_path)
     names = sorted(f.name for f in files)
-    assert names == ["results.json", "results.md", "throughput.png", "ttft_cdf.png"]
+    assert names == ["results.json", "results.md", "ttft_cdf.png"]  # one load: no throughput plot
     assert all(f.stat().st_size > 0 for f in files)
     assert json.loads((tmp_path / "results.json").read_text())["results"][2]["status"] == "failed"
     md = (tmp_path / "results.md").read_text()
     assert "| sglang-router | 0.50 | **failed**: RuntimeError: no binary" in md
-    assert "| ai-lb:prefix_cache | 0.50 | ok | 20 / 20 (-) |" in md
+    assert "| ai-lb:prefix_cache | 0.50 | ok | 20 / 20 (-) | 0 |" in md
     assert "60.0%" in md  # prefix hit rate column
     assert "machine was saturated during: envoy-rr" in md
     assert (tmp_path / "ttft_cdf.png").read_bytes()[:4] == b"\x89PNG"
