@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, redact
 from .core import EndpointDirectory
 from .discovery.envoy_admin import EnvoyAdminDiscovery
 from .envoy.processor import Processor
@@ -97,7 +97,8 @@ class Gateway:
             pass
         log.info("ai-lb serving ext_proc on %s:%d (%s transport), metrics on %s:%d, %d route(s), store=%s",
                  self.config.server.listen.rpartition(":")[0], self.grpc_port, self.config.server.transport,
-                 host, self.metrics_port, len(self.config.routes), self.config.store)
+                 host, self.metrics_port, len(self.config.routes), redact(self.config.store))
+        await self._probe_redis()
 
     async def wait(self) -> None:
         await self._stopping.wait()
@@ -133,7 +134,9 @@ class Gateway:
             return False
         except Exception as e:  # noqa: BLE001 - a policy failed to start
             self.telemetry.reloads.labels("rejected").inc()
-            log.error("config reload (%s) failed, keeping the running config: %r", why, e)
+            # The type and a bounded message only: an exception's repr may carry file bytes.
+            log.error("config reload (%s) failed, keeping the running config: %s: %.200s",
+                      why, type(e).__name__, redact(str(e)))
             return False
         old, self.config = self.config, new
         for fname in ("listen", "metrics_listen", "max_body_bytes", "transport"):
@@ -150,6 +153,25 @@ class Gateway:
         log.info("config reloaded (%s): %d route(s): %s", why, len(new.routes),
                  ", ".join(f"{n}={r.lb_policy}{'' if r.enabled else '(disabled)'}" for n, r in new.routes.items()))
         return True
+
+    async def _probe_redis(self) -> None:
+        """Warn at start-up about every Redis store that does not answer (unresolvable host,
+        refused connection, failed AUTH): the Redis policies then decide with local state,
+        which is not what the operator configured."""
+        from .state.resp import RespClient  # noqa: PLC0415
+
+        async def probe(url: str) -> None:
+            client = RespClient.from_url(url, connect_timeout=1.0)
+            try:
+                async with asyncio.timeout(1.5):
+                    await client.ping()
+            except Exception as e:  # noqa: BLE001 - every failure is worth the same warning
+                log.warning("redis %s does not answer at start-up (%s: %s); the Redis-backed policies use "
+                            "local state until it does", redact(url), type(e).__name__, redact(str(e)) or "timeout")
+            finally:
+                await client.aclose()
+
+        await asyncio.gather(*(probe(u) for u in self.stores.redis_urls()))
 
     # -- transports --------------------------------------------------------------------
     async def _start_native(self) -> None:
