@@ -94,7 +94,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         if rt.needs_body and not hm.end_of_stream:
             return ctx, rt, self.answers.passthrough("headers", _mode(rt))
         if rt.needs_body:  # bodyless request on a prompt-reading route: nothing to wait for
-            self.telemetry.fallback(route_name, rt.policy_name, "no_body")
+            self.telemetry.skip(route_name, "no_body")
             return ctx, rt, self.answers.passthrough("headers")
         return ctx, rt, await self._decide(ctx, rt, "headers")
 
