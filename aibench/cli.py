@@ -170,23 +170,59 @@ def _level(load: float | None, rate_conv: float) -> str:
     return f"load {load:.2f}" if load is not None else f"{rate_conv:g} conv/s"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every option that has one; the description and the lists kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _epilog() -> str:
+    from extproc.policies import registry
+
+    def doc(fn) -> str:
+        return " ".join((fn.__doc__ or "").split()).replace("``", "'").split(". ")[0].rstrip(".")
+
+    width = max(len(n) for n in workloads.WORKLOADS)
+    lines = ["systems (--systems, comma-separated):",
+             "  envoy-rr          Envoy's own round robin (ai-lb off)",
+             "  envoy-lr          Envoy's own least request (ai-lb off)",
+             "  ai-lb:POLICY      Envoy + ai-lb with POLICY, one of: " + ", ".join(registry.names("endpoint")),
+             "  sglang-router     sglang-router's cache_aware policy (installed on first use)",
+             "  vllm-router       vllm-router's cache_aware policy (installed on first use)",
+             "  oracle            a router that knows every backend's cache and queue (an upper bound)",
+             "", "workloads (--workload):"]
+    lines += [f"  {name:<{width}}  {doc(fn)}" for name, fn in workloads.WORKLOADS.items()]
+    lines += ["", "example:", "  ai-lb bench --workload shared-prefix --backends 8 --duration 30 --loads 0.5 \\",
+              "      --systems envoy-rr,ai-lb:prefix_cache,oracle"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ai-lb bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workload", default="shared-prefix", choices=sorted(workloads.WORKLOADS))
-    ap.add_argument("--systems", default=DEFAULT_SYSTEMS, help="comma-separated (default: all)")
+    ap = argparse.ArgumentParser(
+        prog="ai-lb bench", formatter_class=_HelpFormatter, epilog=_epilog(),
+        description="Start simulated vLLM backends, put each system in front of them in turn, drive the same "
+                    "seeded workload\nthrough each, and write JSON, Markdown and PNG results. Every system gets "
+                    "freshly started backends\n(empty KV caches, zeroed counters), so no system inherits "
+                    "another's warm cache.")
+    ap.add_argument("--workload", default="shared-prefix", choices=sorted(workloads.WORKLOADS),
+                    help="the traffic to send (see below)")
+    ap.add_argument("--systems", default=DEFAULT_SYSTEMS, help="comma-separated systems to compare (see below)")
     ap.add_argument("--backends", type=int, default=4, help="simulated vLLM servers to start")
     ap.add_argument("--backend-urls", default="", help="use these ip:port backends instead of the simulator")
-    ap.add_argument("--model", default="sim-model")
+    ap.add_argument("--model", default="sim-model", help="model name sent in requests")
     ap.add_argument("--sim-args", default="--stream-chunk-tokens 4",
                     help="extra simulator flags (e.g. '--time-scale 0.5 --profile h100-8b')")
-    ap.add_argument("--loads", default="0.5", help="offered load(s) as fractions of measured capacity")
+    ap.add_argument("--loads", default="0.5", help="offered load(s) as fractions of measured capacity, comma-separated")
     ap.add_argument("--rate", type=float, default=None, help="conversations/s instead of --loads (skips calibration)")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds during which conversations start")
     ap.add_argument("--grace", type=float, default=30.0, help="seconds to let running conversations finish")
     ap.add_argument("--calibrate", type=float, default=6.0, help="seconds of saturating load to measure capacity")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="workload seed")
     ap.add_argument("--store", default="memory", help="ai-lb state store (memory or redis://...)")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench-results/<time>)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default: bench-results/<time>)")
     a = ap.parse_args(argv)
 
     out = a.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
