@@ -50,8 +50,21 @@ def test_demo_runs_and_shows_every_phase():
     assert "rotates over all backends: yes" in out, out
     assert "fail-open: 6/6 requests succeeded" in out, out
     assert "fallbacks to native LB: none" in out, out
-    assert "ai-lb picked the endpoint for 18 " in out, out  # 12 in phase 1 + 6 after the switch
+    # 12 in phase 1, 6 after the switch, 4 groups x 3 conversations x 4 turns in phase 3
+    assert "ai-lb picked the endpoint for 66 " in out, out
     assert "logs (" in out.splitlines()[-1]
+    # Phase 3 shows why: the backends' own prefix-cache hit rate and TTFT, ai-lb against round robin.
+    rows = {}
+    for line in out.splitlines():
+        for label in ("ai-lb prefix_cache", "Envoy round robin"):
+            if line.strip().startswith(label) and "%" in line:
+                hit, p50, p90, failed = line.strip()[len(label):].replace("%", "").replace("ms", "").split()
+                rows[label] = (float(hit), float(p50), float(p90), int(failed))
+    ai, rr = rows["ai-lb prefix_cache"], rows["Envoy round robin"]
+    assert ai[3] == rr[3] == 0, out
+    assert ai[0] > rr[0], out  # a higher hit rate: the claim the exit status also checks
+    elapsed = float(out.split("==> done in ")[1].split("s:")[0])
+    assert elapsed < 45, out  # the whole demo stays short (its own clock, start-up included)
 
 
 def test_compose_envoy_config_validates():
