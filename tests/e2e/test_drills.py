@@ -18,7 +18,7 @@ def test_failure_drills_meet_their_targets(tmp_path, capsys):
     killed: only streams already flowing on it fail (non-streaming requests are retried);
     every in-flight count (ai-lb's and Redis's) is back to 0 afterwards."""
     out = tmp_path / "drills.json"
-    rc = drill.main(["--seconds", "4", "--concurrency", "16", "--json", str(out)])
+    rc = drill.main(["--seconds", "3", "--concurrency", "12", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     import json

@@ -69,3 +69,22 @@ async def test_a_reload_of_an_empty_truncated_or_binary_file_keeps_the_running_c
         assert len(msg) < 400
     finally:
         await gw.stop()
+
+
+@pytest.mark.asyncio
+async def test_failed_auth_is_a_startup_warning_without_the_password(tmp_path, caplog):
+    from aibench.redis_server import RedisServer
+
+    srv = RedisServer(tmp_path, args=["--requirepass", "right"]).start()
+    caplog.set_level(logging.INFO, logger="ai_lb")
+    try:
+        gw = await _gateway(tmp_path, SERVER + f"store: redis://:wrong-hunter2@127.0.0.1:{srv.port}/0\n"
+                            "routes: {llm: {lb_policy: global_least_request, endpoints: {static: ['127.0.0.1:9']}}}\n")
+        try:
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert any("does not answer at start-up (RespError: WRONGPASS" in w for w in warnings), warnings
+            assert "hunter2" not in caplog.text
+        finally:
+            await gw.stop()
+    finally:
+        srv.kill()
