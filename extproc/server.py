@@ -98,7 +98,7 @@ class Gateway:
         log.info("ai-lb serving ext_proc on %s:%d (%s transport), metrics on %s:%d, %d route(s), store=%s",
                  self.config.server.listen.rpartition(":")[0], self.grpc_port, self.config.server.transport,
                  host, self.metrics_port, len(self.config.routes), redact(self.config.store))
-        await self._probe_redis()
+        await probe_redis(self.stores.redis_urls())
 
     async def wait(self) -> None:
         await self._stopping.wait()
@@ -153,25 +153,6 @@ class Gateway:
         log.info("config reloaded (%s): %d route(s): %s", why, len(new.routes),
                  ", ".join(f"{n}={r.lb_policy}{'' if r.enabled else '(disabled)'}" for n, r in new.routes.items()))
         return True
-
-    async def _probe_redis(self) -> None:
-        """Warn at start-up about every Redis store that does not answer (unresolvable host,
-        refused connection, failed AUTH): the Redis policies then decide with local state,
-        which is not what the operator configured."""
-        from .state.resp import RespClient  # noqa: PLC0415
-
-        async def probe(url: str) -> None:
-            client = RespClient.from_url(url, connect_timeout=1.0)
-            try:
-                async with asyncio.timeout(1.5):
-                    await client.ping()
-            except Exception as e:  # noqa: BLE001 - every failure is worth the same warning
-                log.warning("redis %s does not answer at start-up (%s: %s); the Redis-backed policies use "
-                            "local state until it does", redact(url), type(e).__name__, redact(str(e)) or "timeout")
-            finally:
-                await client.aclose()
-
-        await asyncio.gather(*(probe(u) for u in self.stores.redis_urls()))
 
     # -- transports --------------------------------------------------------------------
     async def _start_native(self) -> None:
@@ -240,6 +221,26 @@ class Gateway:
             if sig is not None and sig != self._file_sig:
                 self._file_sig = sig
                 await self.reload("file change")
+
+
+async def probe_redis(urls: list[str]) -> None:
+    """Warn at start-up about every Redis store that does not answer (unresolvable host,
+    refused connection, failed AUTH): the Redis policies then decide with local state,
+    which is not what the operator configured."""
+    from .state.resp import RespClient  # noqa: PLC0415
+
+    async def probe(url: str) -> None:
+        client = RespClient.from_url(url, connect_timeout=1.0)
+        try:
+            async with asyncio.timeout(1.5):
+                await client.ping()
+        except Exception as e:  # noqa: BLE001 - every failure is worth the same warning
+            log.warning("redis %s does not answer at start-up (%s: %s); the Redis-backed policies use "
+                        "local state until it does", redact(url), type(e).__name__, redact(str(e)) or "timeout")
+        finally:
+            await client.aclose()
+
+    await asyncio.gather(*(probe(u) for u in urls))
 
 
 async def serve(config_path: str | os.PathLike, config: Config | None = None) -> None:
