@@ -95,10 +95,12 @@ class Gateway:
                 loop.add_signal_handler(sig, self._stopping.set)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
-        log.info("ai-lb serving ext_proc on %s:%d (%s transport), metrics on %s:%d, %d route(s), store=%s",
-                 self.config.server.listen.rpartition(":")[0], self.grpc_port, self.config.server.transport,
-                 host, self.metrics_port, len(self.config.routes), redact(self.config.store))
-        await probe_redis(self.stores.redis_urls())
+        redis_urls = self.stores.redis_urls()  # the global store and the routes' own (serviceFQDN)
+        log.info("ai-lb serving ext_proc on %s:%d (%s transport), metrics on %s:%d, %d route(s), store=%s, "
+                 "redis in use: %s", self.config.server.listen.rpartition(":")[0], self.grpc_port,
+                 self.config.server.transport, host, self.metrics_port, len(self.config.routes),
+                 redact(self.config.store), ", ".join(map(redact, redis_urls)) or "none")
+        await probe_redis(redis_urls)
 
     async def wait(self) -> None:
         await self._stopping.wait()

@@ -47,6 +47,8 @@ async def test_unresolvable_redis_host_is_a_startup_warning(tmp_path, caplog):
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any("redis redis://:***@redis.invalid:6379/0 does not answer at start-up" in w for w in warnings), warnings
         assert "hunter2" not in caplog.text
+        # The start-up line names the Redis the route uses, not only the global store=memory.
+        assert "store=memory, redis in use: redis://:***@redis.invalid:6379/0" in caplog.text
     finally:
         await gw.stop()
 
