@@ -1,11 +1,11 @@
-"""Decision latency per policy, memory store vs Redis, at 8, 64 and 512 endpoints.
+"""Decision latency per policy, memory store vs Redis, at 8, 64, 512 and 1,000 endpoints.
 
 Times ``Processor.Process`` for one request (headers, plus a chat body for policies that
 read it) in-process, so it includes context, policy, counts store and answer, but not
 the HTTP/2 transport (see ``aibench.overhead`` for that). Redis is a real redis-server on
 loopback, started here.
 
-    python -m aibench.decisions [--seconds 1.5]
+    python -m aibench.decisions [--seconds 1.5] [--policies a,b] [--endpoints 8,1000] [--stores memory]
 """
 
 from __future__ import annotations
@@ -35,10 +35,16 @@ from .redis_server import RedisServer
 POLICIES = {  # name -> lb_config
     "round_robin": {},
     "least_request": {},
+    "request_num": {},
+    "power_of_two": {},
+    "process_tokens": {},
+    "fd_metrics_score": {},
+    "least_kv_cache": {},
     "global_least_request": {},
     "prefix_cache": {},
     "endpoint_metrics": {"metric_policy": "default"},
 }
+USES_METRICS = ("endpoint_metrics", "fd_metrics_score", "least_kv_cache")
 
 
 def messages(i: int) -> bytes:
@@ -80,13 +86,17 @@ async def measure(policy: str, store: str, n_eps: int, seconds: float) -> list[f
     await rt.apply(cfg)
     pol = rt.routes["llm"].policy
     needs_body = pol.needs_body
-    if policy == "endpoint_metrics":
-        # The endpoints are fictitious: serve the policy fresh, varied scrapes from memory.
+    if policy in USES_METRICS:
+        # The endpoints are fictitious: hand the load view fresh, varied scrapes, as the
+        # scraper service would (every 100 ms, off the request path).
         import random as _r
 
-        fake = {a: EndpointMetrics({"vllm:num_requests_waiting": _r.randint(0, 5), "vllm:num_requests_running": _r.randint(0, 20),
-                                    "vllm:kv_cache_usage_perc": _r.random()}) for a in eps}
-        pol.scraper.get = lambda addr, now=None: fake.get(addr)
+        def feed() -> None:
+            for a in eps:
+                rt.load.on_scrape(a, EndpointMetrics(
+                    {"vllm:num_requests_waiting": _r.randint(0, 5), "vllm:num_requests_running": _r.randint(0, 20),
+                     "vllm:kv_cache_usage_perc": _r.random()}, block_size=16, num_blocks=65536))
+        feed()
     p = Processor(rt, tel, rt.load)
     hdr_eos, hdr = headers_msg(True), headers_msg(False)
     bodies = [pb.ProcessingRequest(request_body=pb.HttpBody(body=messages(i), end_of_stream=True)).SerializeToString()
@@ -94,7 +104,11 @@ async def measure(policy: str, store: str, n_eps: int, seconds: float) -> list[f
     lat = []
     i = 0
     deadline = time.perf_counter() + seconds
+    next_feed = time.perf_counter() + 0.1
     while time.perf_counter() < deadline:
+        if policy in USES_METRICS and time.perf_counter() > next_feed:
+            feed()  # not timed: scrapes arrive off the request path
+            next_feed = time.perf_counter() + 0.1
         msgs = [bodies[i % 200], hdr] if needs_body else [hdr_eos]
         t0 = time.perf_counter()
         await p.Process(None, Stream(msgs))
@@ -107,19 +121,25 @@ async def measure(policy: str, store: str, n_eps: int, seconds: float) -> list[f
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=1.5)
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--endpoints", default="8,64,512,1000")
+    ap.add_argument("--stores", default="memory,redis")
     a = ap.parse_args()
     srv = RedisServer(Path(tempfile.mkdtemp())).start()
     try:
         print("| policy | store | endpoints | p50 (µs) | p99 (µs) | decisions/s |")
         print("|---|---|---|---|---|---|")
-        for policy in POLICIES:
+        for policy in a.policies.split(","):
             try:
                 registry.get(policy)
             except KeyError:
                 print(f"| {policy} | - | - | not available | | |")
                 continue
-            for store in ("memory", srv.url):
-                for n in (8, 64, 512):
+            stores = [srv.url if s == "redis" else s for s in a.stores.split(",")]
+            if policy not in ("global_least_request", "prefix_cache"):
+                stores = [s for s in stores if s == "memory"]  # the others keep no state in a store
+            for store in stores:
+                for n in map(int, a.endpoints.split(",")):
                     lat = asyncio.run(measure(policy, store, n, a.seconds))
                     q = statistics.quantiles(lat, n=100)
                     print(f"| {policy} | {'redis' if store != 'memory' else 'memory'} | {n} | {q[49] * 1e6:.0f} | "

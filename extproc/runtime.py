@@ -134,6 +134,13 @@ class Runtime:
         its next request (scrapers follow the fleet even without traffic)."""
         for rt in self.routes.values():
             rt.candidates(self.directory)
+        self._retain()
+
+    def _retain(self) -> None:
+        known: set[str] = set()
+        for rt in self.routes.values():
+            known.update(e.address for e in self.directory.all_known(rt.endpoints))
+        self.load.retain(known)
 
     # -- policy ownership: a replaced policy is closed after its last on_done ----------
     def acquire(self, policy: Policy) -> None:

@@ -24,7 +24,7 @@ from .config import Config, ConfigError, redact
 from .core import EndpointDirectory
 from .discovery.envoy_admin import EnvoyAdminDiscovery
 from .envoy.processor import Processor
-from .h2grpc import EOF, GrpcError, GrpcServer
+from .transport import DEFAULT_LIMITS, EOF, GrpcError, GrpcServer, H2Limits
 from .runtime import Runtime, load_config
 from .signals import LoadView, ScraperService
 from .state import LocalInflight, StateStores
@@ -158,7 +158,9 @@ class Gateway:
 
     # -- transports --------------------------------------------------------------------
     async def _start_native(self) -> None:
-        srv = GrpcServer()
+        # A buffered prompt up to max_body_bytes arrives as one gRPC message, plus framing.
+        body = self.config.server.max_body_bytes
+        srv = GrpcServer(H2Limits(max_message_size=max(DEFAULT_LIMITS.max_message_size, body + (1 << 20))))
         srv.add_method(PROCESS_METHOD, pb.ProcessingRequest.FromString, lambda st: self.processor.Process(None, st))
         srv.add_method(HEALTH_CHECK_METHOD, health_pb2.HealthCheckRequest.FromString, self._health_check)
         host, _, port = self.config.server.listen.rpartition(":")

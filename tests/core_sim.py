@@ -5,7 +5,7 @@ done (``envoy.processor`` does exactly this)."""
 from __future__ import annotations
 
 from extproc.config import EndpointsConfig, RouteConfig
-from extproc.core import Endpoint
+from extproc.core import Endpoint, Pick
 from extproc.policies import PolicyEnv
 
 
@@ -18,15 +18,20 @@ def env(policy: str = "round_robin", route: str = "r", store: str = "memory", cl
 async def route(policy, ctx, candidates):
     """``policy.pick`` plus the core's accounting of a pick."""
     d = await policy.pick(ctx, candidates)
-    if isinstance(d, Endpoint):
-        ctx.endpoint = d
+    ep, also = (d.endpoint, d.also) if isinstance(d, Pick) else (d, ())
+    if isinstance(ep, Endpoint):
+        ctx.endpoint = ep
         ctx.policy = policy
-        policy.env.load.begin(d.address)
+        begin = policy.env.load.begin
+        ctx.tickets = (begin(ep.address, ctx.prompt_tokens), *(begin(e.address, ctx.prompt_tokens) for _, e in also))
     return d
 
 
-def done(policy, ctx) -> None:
-    """The core's end of a request: released once, then the policy's hook."""
-    if ctx.endpoint is not None:
-        policy.env.load.end(ctx.endpoint.address)
+def done(policy, ctx, status: int | None = None) -> None:
+    """The core's end of a request: released once (with the upstream status, if any),
+    then the policy's hook."""
+    if ctx.tickets:
+        policy.env.load.end(ctx.tickets[0], status if status is not None else ctx.status)
+        for t in ctx.tickets[1:]:
+            policy.env.load.end(t)
     policy.on_done(ctx)

@@ -10,6 +10,10 @@ from typing import Any
 
 from pathlib import Path
 
+import json
+import threading
+import urllib.request
+
 from aibench.devstack import *  # noqa: F401,F403 - re-exported for the tests
 from aibench.devstack import EXTRA_PYTHONPATH, http_get
 
@@ -98,3 +102,44 @@ async def run_load(url: str, *, n: int | None = None, duration: float | None = N
 
 def load(url: str, **kw: Any) -> LoadResult:
     return asyncio.run(run_load(url, **kw))
+
+
+# -- simulator control ------------------------------------------------------------------
+CHAT = "/v1/chat/completions"
+
+
+def post_json(url: str, doc: dict) -> None:
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        r.read()
+
+
+def sim_state(port: int) -> dict:
+    return json.loads(http_get(f"http://127.0.0.1:{port}/sim/state")[1])
+
+
+class Busy:
+    """Keep ``n`` long streaming requests running on one backend, sent to it directly."""
+
+    def __init__(self, port: int, n: int = 9, prompt_words: int = 1) -> None:
+        self.port = port
+        self.n = n
+        self.res = LoadResult()
+        post_json(f"http://127.0.0.1:{port}/sim/faults", {"slowdown": 50})
+        # Distinct prompts (no shared prefix), so long ones really fill the KV cache.
+        self.t = threading.Thread(target=lambda: load(
+            f"http://127.0.0.1:{port}{CHAT}", n=n, concurrency=n, res=self.res,
+            make_body=lambda i: chat_body(f"{i} " + "busy " * prompt_words, max_tokens=4000, stream=True)), daemon=True)
+
+    def __enter__(self) -> "Busy":
+        self.t.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if sim_state(self.port)["running"] >= min(6, self.n):
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"backend {self.port} never got busy: {sim_state(self.port)}")
+
+    def __exit__(self, *exc) -> None:
+        post_json(f"http://127.0.0.1:{self.port}/sim/faults", {"reset": True})  # lets them finish fast
+        self.t.join(30)

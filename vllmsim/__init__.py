@@ -14,13 +14,16 @@ See docs/simulator.md.
 """
 from .cluster import SimCluster
 from .faults import Faults
+from .kv_events import KVEventsConfig
+from .pd import KVTransferConfig
 from .profile import OutputLen, Profile, load_profile
 from .server import SERVER_HEADER, ServerConfig, SimServer
 from .testing import run_cluster_subprocess, run_cluster_thread
-from .tokenizer import render_chat, tokenize
+from .tokenizer import MODEL_DIR, count_tokens, render_chat, tokenize
 
 __all__ = [
-    "SERVER_HEADER", "Faults", "OutputLen", "Profile", "ServerConfig", "SimCluster", "SimServer",
-    "load_profile", "render_chat", "run_cluster_subprocess", "run_cluster_thread", "tokenize",
+    "MODEL_DIR", "SERVER_HEADER", "Faults", "KVEventsConfig", "KVTransferConfig", "OutputLen",
+    "Profile", "ServerConfig", "SimCluster", "SimServer", "count_tokens", "load_profile",
+    "render_chat", "run_cluster_subprocess", "run_cluster_thread", "tokenize",
 ]
 __version__ = "0.1.0"

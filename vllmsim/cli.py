@@ -18,6 +18,8 @@ import yaml
 
 from .cluster import SimCluster
 from .faults import Faults
+from .kv_events import KVEventsConfig
+from .pd import DEFAULT_ABORT_TIMEOUT_S, KVTransferConfig
 from .profile import bundled_profiles, load_profile, PROFILE_DIR
 from .server import ServerConfig
 
@@ -33,6 +35,16 @@ def _ports(value: str) -> list[int]:
         return [int(p) for p in _csv(value)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad port list {value!r}") from None
+
+
+def _json_arg(cls: Any) -> Any:
+    def parse(value: str) -> Any:
+        try:
+            return cls.from_json(value)
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = cls.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-loras", type=int)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--default-max-tokens", type=int)
-    g.add_argument("--role", choices=("mixed", "prefill", "decode"), default="mixed")
+    g.add_argument("--role", choices=("mixed", "prefill", "decode"), default="mixed",
+                   help="prefill/decode: shortcut for a kv-transfer config with kv_role "
+                        "kv_producer/kv_consumer")
     g.add_argument("--roles", type=_csv, default=None,
                    help="per-server roles, e.g. prefill,prefill,decode,decode")
     g.add_argument("--time-scale", type=float, default=1.0,
@@ -74,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stream-chunk-tokens", type=int, default=1,
                    help="tokens per SSE chunk (>1 saves simulator CPU)")
+
+    g = s.add_argument_group("vLLM KV connectors and events")
+    g.add_argument("--kv-events-config", type=_json_arg(KVEventsConfig), default=None,
+                   help="vLLM's KVEventsConfig as JSON, e.g. '{\"enable_kv_cache_events\": true, "
+                        "\"publisher\": \"zmq\", \"endpoint\": \"tcp://127.0.0.1:5557\"}'; server i "
+                        "adds i to the endpoint ports; {index} {port} {host} {model} in topic")
+    g.add_argument("--kv-transfer-config", type=_json_arg(KVTransferConfig), default=None,
+                   help="vLLM's KVTransferConfig as JSON, e.g. '{\"kv_connector\": \"NixlConnector\", "
+                        "\"kv_role\": \"kv_both\"}': honour kv_transfer_params (PD disaggregation)")
+    g.add_argument("--kv-abort-timeout", type=float, default=DEFAULT_ABORT_TIMEOUT_S,
+                   help="simulated seconds a prefill server holds blocks for a decode server "
+                        "(vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT, default 480)")
+    g.add_argument("--no-sim-api", action="store_true",
+                   help="look like a plain vLLM: no /sim/* routes, no x-sim-* headers, no admin port")
 
     g = s.add_argument_group("metrics")
     g.add_argument("--metrics-flavor", choices=("vllm", "sglang"), default="vllm")
@@ -143,8 +171,10 @@ def cluster_from_args(args: argparse.Namespace) -> SimCluster:
             seed=args.seed, name=args.names[i] if args.names and i < len(args.names) else None,
             metrics_flavor=args.metrics_flavor, legacy_gpu_cache_metric=args.legacy_gpu_cache_metric,
             lora_adapters=tuple(args.lora_adapters), stream_chunk_tokens=args.stream_chunk_tokens,
-            faults=Faults(**faults.to_dict()), restart_after_s=args.restart_after_s))
-    admin = None if args.admin_port < 0 else args.admin_port
+            faults=Faults(**faults.to_dict()), restart_after_s=args.restart_after_s,
+            kv_events=args.kv_events_config, kv_transfer=args.kv_transfer_config,
+            kv_abort_timeout_s=args.kv_abort_timeout, sim_api=not args.no_sim_api))
+    admin = None if args.admin_port < 0 or args.no_sim_api else args.admin_port
     if args.ports:
         return SimCluster(configs=configs, host=args.host, ports=args.ports, admin_port=admin)
     return SimCluster(configs=configs, host=args.host, base_port=args.port, admin_port=admin)
@@ -172,8 +202,10 @@ async def _serve(cluster: SimCluster, duration: float | None, exit_with_parent: 
     await cluster.start()
     try:
         for s in cluster.servers:
+            extra = f", kv_role={s.kv_transfer.kv_role}, side_channel_port={s.side_channel_port}" \
+                if s.kv_transfer else ""
             print(f"vllmsim: server {s.index} listening on {s.host}:{s.port} "
-                  f"(role={s.config.role}, name={s.name})", flush=True)
+                  f"(role={s.config.role}, name={s.name}{extra})", flush=True)
         if cluster.admin_port is not None:
             print(f"vllmsim: admin listening on {cluster.host}:{cluster.admin_port}", flush=True)
         print("vllmsim: ready", flush=True)

@@ -3,8 +3,8 @@
 What matters for load balancing is *which* prompts hit and *when* blocks get evicted,
 so this mirrors vLLM's ``BlockPool``/``KVCacheManager`` bookkeeping (without tensors):
 
-* block ``i`` of a prompt is identified by a chained hash of (hash of block ``i-1``,
-  the block's token ids); only full blocks are hashed/cached;
+* block ``i`` of a prompt is identified by vLLM's chained hash (``blockhash.py``); only
+  full blocks are hashed/cached;
 * blocks are reference counted, so concurrent requests share a cached prefix;
 * a block whose count drops to 0 keeps its contents and goes to the *tail* of an LRU
   free queue (a request's blocks are freed in reverse order, so a prefix's tail is
@@ -13,38 +13,28 @@ so this mirrors vLLM's ``BlockPool``/``KVCacheManager`` bookkeeping (without ten
 * usage = 1 - free/total, where cached-but-unreferenced blocks count as free (this is
   what vLLM reports as ``kv_cache_usage_perc``).
 
-Block hashes use Python's ``hash()`` of an int tuple: unlike ``hash(str)`` that is not
-randomised per process, so it is stable across runs and cheap.
+With ``record_events`` the cache also queues vLLM's KV events (``BlockStored`` when
+blocks enter the prefix cache, ``BlockRemoved`` when a cached block is evicted,
+``AllBlocksCleared`` on reset) for the engine to publish once per step.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from .blockhash import block_hashes, extra_keys_for
 
-def block_hashes(token_ids: Sequence[int], block_size: int, extra: object = None) -> list[int]:
-    """Chained hashes of every *full* block of ``token_ids``.
+__all__ = ["KVCache", "block_hashes"]
 
-    ``extra`` (e.g. the LoRA adapter name) is mixed into the first block, as vLLM does
-    with its "extra keys", so two adapters never share cached blocks.
-    """
-    # A stable seed: hash() of a string differs between processes (PYTHONHASHSEED), and an
-    # oracle in another process must compute the same chain; tuples of ints hash stably.
-    parent = int.from_bytes(hashlib.blake2b(f"vllmsim:{extra}".encode(), digest_size=8).digest(), "little") \
-        if extra is not None else 0
-    out: list[int] = []
-    n_full = len(token_ids) // block_size
-    for i in range(n_full):
-        parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
-        out.append(parent)
-    return out
+MEDIUM = "GPU"
+SPEC_KIND = "full_attention"
 
 
 class KVCache:
     """Block allocator for one engine; requests hold lists of block ids."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 record_events: bool = False) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -54,6 +44,8 @@ class KVCache:
         self.free_queue: "OrderedDict[int, None]" = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.evictions = 0
+        # Pending KV events (vLLM's event maps), or None when nobody listens.
+        self.events: list[dict[str, Any]] | None = [] if (record_events and enable_prefix_caching) else None
 
     # ------------------------------------------------------------------ queries
     @property
@@ -97,6 +89,7 @@ class KVCache:
                 del self.free_queue[b]
             ref[b] += 1
             blocks.append(b)
+        events = self.events
         for _ in range(max(need, 0)):
             b, _unused = self.free_queue.popitem(last=False)
             h = self.block_hash[b]
@@ -104,24 +97,57 @@ class KVCache:
                 # Reusing the block destroys its cached contents.
                 if self.cached.get(h) == b:
                     del self.cached[h]
+                    if events is not None:
+                        events.append({"type": "BlockRemoved", "block_hashes": [h],
+                                       "medium": MEDIUM, "group_idx": 0})
                 self.block_hash[b] = None
                 self.evictions += 1
             ref[b] = 1
             blocks.append(b)
         return True
 
-    def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[int], start: int, end: int) -> None:
-        """Publish blocks ``start..end-1`` (now fully computed) in the prefix cache."""
+    def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[int], start: int, end: int,
+                     token_ids: Sequence[int] = (), lora: tuple[int, str] | None = None) -> None:
+        """Publish blocks ``start..end-1`` (now fully computed) in the prefix cache.
+
+        ``token_ids``/``lora`` (adapter id, name) only describe the ``BlockStored`` event.
+        """
         if not self.enable_prefix_caching:
             return
         cached = self.cached
-        for i in range(start, min(end, len(hashes), len(blocks))):
+        run_start = -1
+        stop = min(end, len(hashes), len(blocks))
+        for i in range(start, stop):
             h = hashes[i]
             if h in cached:
-                continue  # an identical block computed concurrently stays uncached
+                # An identical block computed concurrently stays uncached.
+                if run_start >= 0:
+                    self._stored(hashes, run_start, i, token_ids, lora)
+                    run_start = -1
+                continue
             b = blocks[i]
             cached[h] = b
             self.block_hash[b] = h
+            if run_start < 0:
+                run_start = i
+        if run_start >= 0:
+            self._stored(hashes, run_start, stop, token_ids, lora)
+
+    def _stored(self, hashes: Sequence[int], start: int, end: int, token_ids: Sequence[int],
+                lora: tuple[int, str] | None) -> None:
+        if self.events is None:
+            return
+        bs = self.block_size
+        keys = extra_keys_for(lora[1] if lora else None)
+        self.events.append({
+            "type": "BlockStored", "block_hashes": list(hashes[start:end]),
+            "parent_block_hash": hashes[start - 1] if start > 0 else None,
+            "token_ids": list(token_ids[start * bs:end * bs]), "block_size": bs,
+            "lora_id": lora[0] if lora else None, "medium": MEDIUM,
+            "lora_name": lora[1] if lora else None,
+            "extra_keys": [list(keys) if keys else None] * (end - start),
+            "group_idx": 0, "kv_cache_spec_kind": SPEC_KIND,
+        })
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop a request's references; unreferenced blocks stay cached until evicted."""
@@ -132,7 +158,22 @@ class KVCache:
             if ref[b] == 0:
                 fq[b] = None
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash (vLLM's /reset_prefix_cache); blocks stay allocated."""
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's ``BlockPool.reset_prefix_cache``: forget every cached hash.
+
+        Like vLLM it refuses (returns False, nothing changes) while any block is in use.
+        """
+        if len(self.free_queue) != self.num_blocks:
+            return False
         self.cached.clear()
         self.block_hash = [None] * self.num_blocks
+        if self.events is not None:
+            self.events.append({"type": "AllBlocksCleared"})
+        return True
+
+    def take_events(self) -> list[dict[str, Any]]:
+        events = self.events
+        if not events:
+            return []
+        self.events = []
+        return events

@@ -110,8 +110,10 @@ class EngineMetrics:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.prompt_tokens = 0
-        self.prompt_computed = 0
-        self.prompt_cached = 0
+        self.prompt_computed = 0   # prompt_tokens_by_source{source="local_compute"}
+        self.prompt_local_hit = 0  # ... "local_cache_hit"
+        self.prompt_external = 0   # ... "external_kv_transfer"
+        self.prompt_cached = 0     # prompt_tokens_cached (local + external)
         self.generation_tokens = 0
         self.preemptions = 0
         self.success = dict.fromkeys(FINISHED_REASONS, 0)
@@ -200,7 +202,8 @@ class EngineMetrics:
                 f"# HELP {name}_created {help_}\n# TYPE {name}_created gauge\n"
                 f"{name}_created{{{lab}}} {_num(self.created)}\n")
 
-    def render(self, *, running: int, waiting: int, kv_usage: float, used_tokens: int = 0,
+    def render(self, *, running: int, waiting: int, kv_usage: float, deferred: int = 0,
+               used_tokens: int = 0,
                total_tokens: int = 1, running_loras: Sequence[str] = (),
                waiting_loras: Sequence[str] = (), gen_throughput: float = 0.0) -> str:
         """The /metrics page body."""
@@ -212,8 +215,8 @@ class EngineMetrics:
             self._gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", waiting),
             "# HELP vllm:num_requests_waiting_by_reason Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting.\n"
             "# TYPE vllm:num_requests_waiting_by_reason gauge\n"
-            f'vllm:num_requests_waiting_by_reason{{{lab},reason="capacity"}} {_num(waiting)}\n'
-            f'vllm:num_requests_waiting_by_reason{{{lab},reason="deferred"}} 0.0\n',
+            f'vllm:num_requests_waiting_by_reason{{{lab},reason="capacity"}} {_num(waiting - deferred)}\n'
+            f'vllm:num_requests_waiting_by_reason{{{lab},reason="deferred"}} {_num(deferred)}\n',
             self._gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv_usage),
         ]
         if self.legacy_gpu_cache:
@@ -232,8 +235,12 @@ class EngineMetrics:
             "# HELP vllm:prompt_tokens_by_source_total Number of prompt tokens by source.\n"
             "# TYPE vllm:prompt_tokens_by_source_total counter\n"
             f'vllm:prompt_tokens_by_source_total{{{lab},source="local_compute"}} {_num(self.prompt_computed)}\n'
-            f'vllm:prompt_tokens_by_source_total{{{lab},source="local_cache_hit"}} {_num(self.prompt_cached)}\n'
-            f'vllm:prompt_tokens_by_source_total{{{lab},source="external_kv_transfer"}} 0.0\n',
+            f'vllm:prompt_tokens_by_source_total{{{lab},source="local_cache_hit"}} {_num(self.prompt_local_hit)}\n'
+            f'vllm:prompt_tokens_by_source_total{{{lab},source="external_kv_transfer"}} {_num(self.prompt_external)}\n'
+            "# HELP vllm:prompt_tokens_by_source_created Number of prompt tokens by source.\n"
+            "# TYPE vllm:prompt_tokens_by_source_created gauge\n"
+            + "".join(f'vllm:prompt_tokens_by_source_created{{{lab},source="{src}"}} {_num(self.created)}\n'
+                      for src in ("local_compute", "local_cache_hit", "external_kv_transfer")),
             self._counter("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).", self.prompt_cached),
             self._counter("vllm:generation_tokens", "Number of generation tokens processed.", self.generation_tokens),
         ]

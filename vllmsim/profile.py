@@ -66,6 +66,7 @@ class Profile:
     per_prefill_token_ms: float = 0.06
     per_decode_seq_ms: float = 0.045
     per_context_token_ms: float = 0.00004
+    kv_transfer_per_token_ms: float = 0.005  # KV read from a prefill server, per token
     default_max_tokens: int = 16
     output_len: OutputLen = field(default_factory=OutputLen)
 

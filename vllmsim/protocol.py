@@ -59,6 +59,7 @@ class GenRequest:
     max_tokens: int
     stream: bool
     include_usage: bool
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 def _opt_int(body: dict[str, Any], key: str) -> int | None:
@@ -150,7 +151,11 @@ def parse_request(body: Any, kind: str, *, served_model: str, loras: frozenset[s
                        f"maximum context length is {max_model_len} tokens and your request has "
                        f"{prompt_len} input tokens ({mt} > {max_model_len} - {prompt_len}).",
                        param="max_tokens")
-    return GenRequest(kind, model, lora, token_ids, mt, stream, include_usage)
+    kvp = body.get("kv_transfer_params")
+    if kvp is not None and not isinstance(kvp, dict):
+        raise APIError("kv_transfer_params: Input should be a valid dictionary",
+                       param="kv_transfer_params")
+    return GenRequest(kind, model, lora, token_ids, mt, stream, include_usage, kvp)
 
 
 def _completion_tokens(prompt: Any) -> list[int]:

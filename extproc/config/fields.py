@@ -65,23 +65,45 @@ class Validator:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         bad: set[str] = set()
-        n0 = len(self.problems)
-        self.unknown_keys(path, raw, set(fields))
-        if len(self.problems) > n0:
-            bad.add("*")
-        kwargs = {}
-        for k, val in raw.items():
-            if k not in fields:
+        # FastDeploy spells its keys with dashes (waiting-weight): the same field.
+        named: dict[Any, Any] = {}
+        for k in raw:
+            f = k.replace("-", "_") if isinstance(k, str) and k not in fields else k
+            if f in named:
+                self.err(f"{path}.{k}", f"given twice (as {named[f]!r} and {k!r})")
+                bad.add(f if f in fields else "*")
                 continue
-            ok, conv = coerce(val, hints[k])
+            named[f] = k
+        for f_name, k in named.items():
+            if f_name not in fields:
+                self.err(f"{path}.{k}", f"unknown field; allowed: {', '.join(sorted(fields))}" if fields
+                         else "unknown field; this takes no fields")
+                bad.add("*")
+        kwargs = {}
+        for f_name, k in named.items():
+            if f_name not in fields:
+                continue
+            val, tp = raw[k], hints[f_name]
+            hook = _hook(tp)
+            if hook is not None and val is None and type(None) in typing.get_args(tp):
+                kwargs[f_name] = None
+                continue
+            if hook is not None:  # a nested structure that validates itself (plugin lists)
+                conv = hook(self, f"{path}.{k}", val)
+                if conv is not None:
+                    kwargs[f_name] = conv
+                else:
+                    bad.add(f_name)
+                continue
+            ok, conv = coerce(val, tp)
             if not ok:
-                shown = "<redacted>" if any(w in k.lower() for w in SECRET_WORDS) else repr(val)
-                self.err(f"{path}.{k}", f"expected {describe(hints[k])}, got {shown}")
-                bad.add(k)
+                shown = "<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS) else repr(val)
+                self.err(f"{path}.{k}", f"expected {describe(tp)}, got {shown}")
+                bad.add(f_name)
             else:
-                kwargs[k] = conv
+                kwargs[f_name] = conv
         for name, f in fields.items():
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in named:
                 self.err(f"{path}.{name}", "required")
                 bad.add(name)
         for name in bad & set(fields):
@@ -106,6 +128,15 @@ class Validator:
         for sub, msg in found:
             if sub not in bad:
                 self.err(f"{path}.{sub}", msg)
+
+
+def _hook(tp: Any) -> Any:
+    """A type's own parser (``__config_parse__(validator, path, raw)``), also inside ``X | None``."""
+    hook = getattr(tp, "__config_parse__", None)
+    if hook is None and typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            hook = hook or getattr(arg, "__config_parse__", None)
+    return hook
 
 
 def placeholder(tp: Any) -> Any:

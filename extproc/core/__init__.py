@@ -2,9 +2,9 @@
 decision a policy returns, and the directory of candidate endpoints per route."""
 
 from .context import BodyError, RequestContext
-from .decision import ClusterPick, Decision, Fallback, Reject
+from .decision import ClusterPick, Decision, Fallback, Pick, Reject, Wait
 from .directory import EndpointDirectory
 from .endpoint import Endpoint
 
-__all__ = ["BodyError", "ClusterPick", "Decision", "Endpoint", "EndpointDirectory", "Fallback", "Reject",
-           "RequestContext"]
+__all__ = ["BodyError", "ClusterPick", "Decision", "Endpoint", "EndpointDirectory", "Fallback", "Pick", "Reject",
+           "RequestContext", "Wait"]

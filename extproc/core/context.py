@@ -32,7 +32,8 @@ class BodyError(ValueError):
 
 class RequestContext:
     __slots__ = ("route", "_header_map", "_headers", "body", "body_complete", "_json", "endpoint", "cluster",
-                 "status", "response_complete", "started", "first_byte_at", "policy_state", "policy", "outcome")
+                 "status", "response_complete", "started", "first_byte_at", "policy_state", "policy", "outcome",
+                 "prompt_tokens", "tickets")
 
     def __init__(self, route: str, headers: dict[str, str] | None = None, header_map: Any = None) -> None:
         self.route = route
@@ -50,6 +51,8 @@ class RequestContext:
         self.policy_state: Any = None   # scratch space for the policy that picked
         self.policy: Any = None         # the policy that routed the request (owns on_done)
         self.outcome = "complete"
+        self.prompt_tokens = 0          # the policy's estimate of the prompt size (assumed load)
+        self.tickets: tuple = ()        # the load view's tickets of the endpoints this request occupies
 
     @property
     def headers(self) -> dict[str, str]:

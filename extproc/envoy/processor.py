@@ -16,7 +16,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from ..core import BodyError, ClusterPick, Endpoint, Fallback, Reject, RequestContext
+from ..core import BodyError, ClusterPick, Endpoint, Fallback, Pick, Reject, RequestContext, Wait
 from ..runtime import RouteRuntime, Runtime
 from ..signals import LoadView
 from ..telemetry import RateLimitedLog, Telemetry
@@ -129,11 +129,20 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             detail = type(e).__name__
         else:
             detail = ""
+        if isinstance(d, Wait):  # the gateway queue's interface; the processor does not hold requests yet
+            d = Fallback("policy_error")
+            detail = "Wait decisions are not supported by this processor"
+        if isinstance(d, Pick):
+            also = d.also
+            d = d.endpoint
+        else:
+            also = ()
         if isinstance(d, Endpoint):
             ctx.endpoint = d
             ctx.policy = policy
             self.runtime.acquire(policy)
-            self.load.begin(d.address)
+            begin, tokens = self.load.begin, ctx.prompt_tokens
+            ctx.tickets = (begin(d.address, tokens), *(begin(e.address, tokens) for _, e in also))
             self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
             return self.answers.pick(phase, d.address, _mode(rt) if phase == "headers" else None)
         if isinstance(d, ClusterPick):
@@ -178,8 +187,13 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         return self.answers.response_body
 
     def _done(self, ctx: RequestContext) -> None:
-        if ctx.endpoint is not None:
-            self.load.end(ctx.endpoint.address)
+        if ctx.tickets:
+            # Upstream status when seen; a stream that ended without one says nothing about
+            # the endpoint (client abort, our own error). Only the destination answered.
+            end = self.load.end
+            end(ctx.tickets[0], ctx.status)
+            for t in ctx.tickets[1:]:
+                end(t)
         self.telemetry.done(ctx.route, ctx.outcome)
         try:
             ctx.policy.on_done(ctx)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..core import Decision, Endpoint, Fallback
+from ..signals.load_index import IndexedSet
 from ..signals.prefix_keys import request_keys
+from ..state.counts import LocalCounts
 from ..state.prefix_index import PrefixIndex
 from ..state.redis_conn import RedisUnavailable
 from ..state.redis_settings import RedisSettings
@@ -78,12 +80,19 @@ class PrefixCache(Policy):
         self.counts = env.stores.counts(store_url, config.timeout_s)
         self.stats = {"hit": 0, "miss": 0, "index_fallback": 0, "imbalanced": 0}
         self._counts_started = False
+        # Memory store: the counts are the core's own, read from an index (flat in fleet size).
+        self.local_counts = isinstance(self.counts, LocalCounts)
+        self.set = IndexedSet(env.load, lambda r: r.requests, index_above=16)
+
+    def on_candidates(self, candidates: Sequence[Endpoint]) -> None:
+        self.set.update(candidates)
 
     async def start(self) -> None:
         await self.counts.start()  # RedisCounts: the lease heartbeat, shared by its users
         self._counts_started = True
 
     async def close(self) -> None:
+        self.set.close()
         if self._counts_started:
             self._counts_started = False
             await self.counts.stop()
@@ -94,23 +103,23 @@ class PrefixCache(Policy):
         doc = ctx.json()  # BodyError -> the core falls back with its reason
         c = self.config
         keys = request_keys(doc, self.env.route.name, self.cluster, c.chunk_chars, c.max_depth)
-        by_addr = {e.address: e for e in candidates}
-        healthy = list(by_addr)
+        cs = self.set.update(candidates)
+        by_addr, healthy = cs.by_addr, cs.addresses
         idx = self.index
         depth, host = 0, None
         if keys:
             if idx is self.local:
-                depth, host = self.local.match_now(self.pool, keys, healthy, self.ttl)
+                depth, host = self.local.match_now(self.pool, keys, by_addr, self.ttl)
             else:
                 try:
                     depth, host = await idx.match(self.pool, keys, healthy, self.ttl)
                 except RedisUnavailable:
                     self.stats["index_fallback"] += 1
                     idx = self.local
-                    depth, host = self.local.match_now(self.pool, keys, healthy, self.ttl)
+                    depth, host = self.local.match_now(self.pool, keys, by_addr, self.ttl)
         if host is None or host not in by_addr:
             depth, host = 0, None
-        elif len(healthy) > 1 and await self._overloaded(host, healthy):
+        elif len(healthy) > 1 and await self._overloaded(host, cs):
             self.stats["imbalanced"] += 1
             depth, host = 0, None  # keys are re-recorded below with the less loaded endpoint
 
@@ -118,6 +127,8 @@ class PrefixCache(Policy):
         try:
             if host is not None:
                 await self.counts.incr(self.pool, host)
+            elif self.local_counts and cs.indexed:
+                host = cs.index.least(1)[0]
             else:
                 host, _ = await self.counts.pick_least(self.pool, healthy)
         except Exception as e:  # noqa: BLE001 - counts store trouble must not fail the request
@@ -143,12 +154,15 @@ class PrefixCache(Policy):
             self.local.record_now(self.pool, keys, host, self.ttl)
         return by_addr[host]
 
-    async def _overloaded(self, host: str, healthy: list[str]) -> bool:
-        try:
-            counts = await self.counts.counts(self.pool, healthy)
-        except Exception:  # noqa: BLE001 - no load view: keep the affinity
-            return False
-        mine, low = counts.get(host, 0), min(counts.values())
+    async def _overloaded(self, host: str, cs: IndexedSet) -> bool:
+        if self.local_counts and cs.indexed:
+            mine, low = self.env.load.record(host).requests, cs.index.key(cs.index.least(1)[0])
+        else:
+            try:
+                counts = await self.counts.counts(self.pool, cs.addresses)
+            except Exception:  # noqa: BLE001 - no load view: keep the affinity
+                return False
+            mine, low = counts.get(host, 0), min(counts.values())
         c = self.config
         return mine - low > c.balance_abs_threshold and mine > c.balance_rel_threshold * low
 

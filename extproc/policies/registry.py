@@ -62,6 +62,13 @@ BUILTIN = (
     "global_least_request",
     "cluster_metrics",
     "prefix_cache",
+    # the scheduling framework: a composition in config, and the named presets
+    "scheduler",
+    "request_num",
+    "power_of_two",
+    "process_tokens",
+    "fd_metrics_score",
+    "least_kv_cache",
 )
 
 

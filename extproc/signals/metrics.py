@@ -22,10 +22,12 @@ WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 KV = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
 LORA_INFO = "vllm:lora_requests_info"
+CACHE_CONFIG = "vllm:cache_config_info"   # labels block_size, num_gpu_blocks: the KV geometry
 MODEL_LABEL = "model_name"
 
 ALIASES: dict[str, tuple[str, ...]] = {n: grp for grp in (WAITING, RUNNING, KV) for n in grp}
-_BASE_NAMES = frozenset((*WAITING, *RUNNING, *KV, LORA_INFO))
+CANONICAL: dict[str, str] = {n: grp[0] for grp in (WAITING, RUNNING, KV) for n in grp}
+_BASE_NAMES = frozenset((*WAITING, *RUNNING, *KV, LORA_INFO, CACHE_CONFIG))
 _MEAN = frozenset(KV)  # fractions: averaged over engines; counts are summed
 
 
@@ -44,6 +46,17 @@ class EndpointMetrics:
     lora: LoraState | None = None          # None: the server exports no LoRA metrics
     models: frozenset[str] = frozenset()   # base model names (``model_name`` labels)
     at: float = field(default_factory=time.monotonic)
+    block_size: int = 0                    # KV block size in tokens (0: not exported)
+    num_blocks: int = 0                    # KV blocks of all engines (0: not exported)
+    # The three quantities every policy reads, resolved once per scrape (not per decision).
+    waiting: float | None = field(init=False, default=None)
+    running: float | None = field(init=False, default=None)
+    kv: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.waiting = self.get(WAITING[0])
+        self.running = self.get(RUNNING[0])
+        self.kv = self.get(KV[0])
 
     def get(self, name: str) -> float | None:
         """Value of ``name``, or of an equivalent name (vLLM/SGLang, old/new KV name)."""
@@ -54,18 +67,6 @@ class EndpointMetrics:
                 if v is not None:
                     break
         return v
-
-    @property
-    def waiting(self) -> float | None:
-        return self.get(WAITING[0])
-
-    @property
-    def running(self) -> float | None:
-        return self.get(RUNNING[0])
-
-    @property
-    def kv(self) -> float | None:
-        return self.get(KV[0])
 
 
 def _labels(s: str) -> dict[str, str]:
@@ -137,7 +138,7 @@ def parse_metrics(text: str, extra: Iterable[str] = ()) -> EndpointMetrics:
     values: dict[str, float] = {}
     models: set[str] = set()
     for name in (*_BASE_NAMES, *extra):
-        if name == LORA_INFO or name in values:
+        if name in (LORA_INFO, CACHE_CONFIG) or name in values:
             continue
         total, n = 0.0, 0
         for lab, v in _samples(text, name):
@@ -166,4 +167,12 @@ def parse_metrics(text: str, extra: Iterable[str] = ()) -> EndpointMetrics:
         except ValueError:
             mx = 0
         lora = LoraState(frozenset(act), mx)
-    return EndpointMetrics(values, lora, frozenset(models))
+    block_size = num_blocks = 0
+    for lab, _ in _samples(text, CACHE_CONFIG):  # one series per engine
+        lb = _labels(lab)
+        try:
+            block_size = int(lb.get("block_size", "0"))
+            num_blocks += int(lb.get("num_gpu_blocks", "0"))
+        except ValueError:
+            pass
+    return EndpointMetrics(values, lora, frozenset(models), block_size=block_size, num_blocks=num_blocks)

@@ -11,7 +11,8 @@ An endpoint is scraped at the shortest ``interval`` any subscription asks for, w
 union of their extra metric names, while at least one subscription wants it. A reload that
 keeps a route's policy keeps its subscription; one that replaces it subscribes the new
 policy before the old one closes, so the view never goes cold. Every good sample is also
-handed to ``on_sample`` (the load view).
+handed to ``on_sample(address, metrics, requested_at)`` (the load view, which needs to know
+when the photo was taken to tell which picks it already shows).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Subscription:
 
 
 class ScraperService:
-    def __init__(self, on_sample: Callable[[str, EndpointMetrics], None] | None = None,
+    def __init__(self, on_sample: Callable[[str, EndpointMetrics, float], None] | None = None,
                  scheme: str = "http") -> None:
         self.on_sample = on_sample
         self.scheme = scheme
@@ -132,6 +133,7 @@ class ScraperService:
                           extra: Iterable[str] = ()) -> EndpointMetrics:
         import aiohttp
 
+        requested_at = time.monotonic()
         async with self._session.get(f"{self.scheme}://{address}{path}",
                                      timeout=aiohttp.ClientTimeout(total=timeout)) as r:
             if r.status != 200:
@@ -140,7 +142,7 @@ class ScraperService:
         m = parse_metrics(text, extra)
         self.state[(address, path)] = m
         if self.on_sample is not None:
-            self.on_sample(address, m)
+            self.on_sample(address, m, requested_at)
         return m
 
     async def _loop(self, address: str, path: str) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Protocol, Sequence
+from typing import Collection, Protocol, Sequence
 
 from .redis_conn import RedisConn
 
@@ -45,9 +45,10 @@ class MemoryPrefixIndex:
     async def match(self, tag: str, keys: Sequence[str], healthy: Sequence[str], ttl: float) -> tuple[int, str | None]:
         return self.match_now(tag, keys, healthy, ttl)
 
-    def match_now(self, tag: str, keys: Sequence[str], healthy: Sequence[str], ttl: float) -> tuple[int, str | None]:
+    def match_now(self, tag: str, keys: Sequence[str], healthy: Collection[str], ttl: float) -> tuple[int, str | None]:
+        """``healthy``: anything with fast ``in`` (a set or dict is used as it is)."""
         now = self._clock()
-        ok = set(healthy)
+        ok = healthy if isinstance(healthy, (set, frozenset, dict)) else set(healthy)
         d = self._d
         depth, host = 0, None
         for i, k in enumerate(keys):

@@ -6,10 +6,7 @@ slowdown fault keeps them running; requests through the gateway must then avoid 
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-import urllib.request
 
 import pytest
 
@@ -20,39 +17,7 @@ pytestmark = pytest.mark.e2e
 CHAT = "/v1/chat/completions"
 
 
-def post_json(url: str, doc: dict) -> None:
-    req = urllib.request.Request(url, data=json.dumps(doc).encode(), headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=5) as r:
-        r.read()
-
-
-def sim_state(port: int) -> dict:
-    return json.loads(h.http_get(f"http://127.0.0.1:{port}/sim/state")[1])
-
-
-class Busy:
-    """Keep ``n`` long streaming requests running on one backend, sent to it directly."""
-
-    def __init__(self, port: int, n: int = 9, prompt_words: int = 1) -> None:
-        self.port = port
-        self.res = h.LoadResult()
-        post_json(f"http://127.0.0.1:{port}/sim/faults", {"slowdown": 50})
-        body = h.chat_body("busy " * prompt_words, max_tokens=4000, stream=True)
-        self.t = threading.Thread(target=lambda: h.load(f"http://127.0.0.1:{port}{CHAT}", n=n, concurrency=n,
-                                                         res=self.res, make_body=lambda i: body), daemon=True)
-
-    def __enter__(self) -> "Busy":
-        self.t.start()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if sim_state(self.port)["running"] >= 6:
-                return self
-            time.sleep(0.05)
-        raise TimeoutError(f"backend {self.port} never got busy: {sim_state(self.port)}")
-
-    def __exit__(self, *exc) -> None:
-        post_json(f"http://127.0.0.1:{self.port}/sim/faults", {"reset": True})  # lets them finish fast
-        self.t.join(30)
+post_json, sim_state, Busy = h.post_json, h.sim_state, h.Busy
 
 
 def route(lb_config: dict) -> dict:

@@ -75,7 +75,12 @@ def test_subprocess_explicit_ports_names_and_roles() -> None:
         s0, h0, b0 = post_chat(h.urls[0], max_tokens=5)
         s1, h1, b1 = post_chat(h.urls[1], max_tokens=5)
         assert (h0["x-sim-server"], h1["x-sim-server"]) == ("p0", "d0")
-        assert b0["usage"]["completion_tokens"] == 1 and b1["usage"]["completion_tokens"] == 5
+        # Roles are kv-transfer configs: without kv_transfer_params a request is served whole.
+        assert b0["usage"]["completion_tokens"] == 5 and b1["usage"]["completion_tokens"] == 5
+        assert b0["kv_transfer_params"] is None
+        states = [json.loads(urllib.request.urlopen(f"{u}/sim/state", timeout=5).read()) for u in h.urls]
+        assert [s["kv_role"] for s in states] == ["kv_producer", "kv_consumer"]
+        assert all(s["side_channel_port"] for s in states)
 
 
 def test_thread_cluster_from_sync_code(sim) -> None:

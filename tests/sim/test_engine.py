@@ -152,23 +152,3 @@ async def test_output_len_distribution_stops_early(sim) -> None:
     fam = next(f for f in m["_families"] if f.name == "vllm:request_success")
     stop = next(x.value for x in fam.samples if x.labels.get("finished_reason") == "stop")
     assert stop == 6
-
-
-@pytest.mark.asyncio
-async def test_roles_prefill_and_decode(sim) -> None:
-    long = sim.words(3000, "pd")
-    configs = [sim.make_config(role="prefill"), sim.make_config(role="decode"), sim.make_config()]
-    async with SimCluster(configs=configs) as c, aiohttp.ClientSession() as s:
-        p_url, d_url, m_url = c.urls
-        st, h_p, body = await sim.chat(s, p_url, long, max_tokens=50)
-        assert st == 200 and body["usage"]["completion_tokens"] == 1
-        assert body["kv_transfer_params"]["remote_port"] == c.ports[0]
-        _, h_d, body_d = await sim.chat(s, d_url, long, max_tokens=20)
-        _, h_m, _ = await sim.chat(s, m_url, long, max_tokens=20)
-        d_state = await sim.state(s, d_url)
-    assert body_d["usage"]["completion_tokens"] == 20
-    # The decode instance pays no prefill compute for the transferred prompt...
-    assert ttft(h_d) < 0.02 < ttft(h_p)
-    assert ttft(h_m) > 5 * ttft(h_d)
-    # ...but its KV blocks were allocated (and are now cached).
-    assert d_state["cached_blocks"] >= prompt_len(long) // 16 - 1

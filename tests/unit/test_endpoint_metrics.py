@@ -111,8 +111,9 @@ def make(metric_policy="default", **kw):
 
 
 def feed(p, states):
-    """Scrape results, as the scraper service would have stored them."""
-    p.env.scrapes.state.update({(a, p.scraper.spec.path): m for a, m in states.items()})
+    """Scrape results, as the scraper service hands them to the load view."""
+    for a, m in states.items():
+        p.env.load.on_scrape(a, m, requested_at=m.at)
 
 
 def st(waiting=0, running=0, kv=0.0, lora=None, models=("base",), at=None, **extra):
@@ -221,7 +222,7 @@ def test_rate_limit_caps_a_hosts_share_within_the_window_and_forgets_after_it():
     without = picks(make("least", target_metric="vllm:num_requests_running"), states, n=100)
     assert without == {A: 100}
     time.sleep(0.35)  # the window is time, not "the last 100 picks": history expires
-    assert p._share.over(0.5) == set()  # every old pick has left the window
+    assert p._share.share.over(0.5) == set()  # every old pick has left the window
     assert picks(p, states, n=1) == {A: 1}
 
 

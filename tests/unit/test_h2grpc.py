@@ -12,7 +12,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.h2grpc import EOF, PREFACE, GrpcError, GrpcServer, frame
+from extproc.transport import EOF, PREFACE, GrpcError, GrpcServer, frame
 
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 

@@ -6,19 +6,20 @@ import pytest
 from core_sim import env
 from extproc.core import Endpoint, RequestContext
 from extproc.policies import Policy, registry
-from extproc.policies.base import NoConfig
 from extproc.policies.registry import DuplicatePolicy
 from extproc.state import LocalInflight
 
 EPS = [Endpoint("10.0.0.1:1"), Endpoint("10.0.0.2:1"), Endpoint("10.0.0.3:1")]
 
 
-def make(name, inflight=None):
+def make(name, busy=None):
+    """The policy with ``busy`` = {address: requests already in flight}, counted by the core."""
     cls = registry.get(name)
     e = env(name)
-    if inflight is not None:
-        e.load.inflight = inflight
-    return cls(NoConfig(), e)
+    for addr, n in (busy or {}).items():
+        for _ in range(n):
+            e.load.begin(addr)
+    return cls(cls.Config(), e)
 
 
 def picks(policy, n, eps=EPS):
@@ -51,13 +52,8 @@ def test_random_covers_all_endpoints():
 
 
 def test_least_request_picks_fewest_in_flight():
-    infl = LocalInflight()
-    for _ in range(3):
-        infl.inc(EPS[0].address)
-    infl.inc(EPS[1].address)
-    infl.inc(EPS[2].address)
-    infl.inc(EPS[2].address)
-    assert {e.address for e in picks(make("least_request", infl), 20)} == {EPS[1].address}
+    busy = {EPS[0].address: 3, EPS[1].address: 1, EPS[2].address: 2}
+    assert {e.address for e in picks(make("least_request", busy), 20)} == {EPS[1].address}
 
 
 def test_least_request_breaks_ties_at_random():

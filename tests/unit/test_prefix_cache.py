@@ -148,12 +148,15 @@ def make(store="memory", route=None, cluster="llm", **lb):
     return cls(policy_config(cls.Config, lb), PolicyEnv.standalone(rc, store_url=store))
 
 
+_HELD: dict = {}
+
+
 async def busy(p, addr, n=1):
     """``n`` more requests in flight on ``addr``, counted where the policy reads load: the
     core's own counts (memory) or the shared Redis counts (another gateway's requests)."""
     for _ in range(n):
         if p.env.store_url == "memory":
-            p.env.load.begin(addr)
+            _HELD.setdefault((id(p), addr), []).append(p.env.load.begin(addr))
         else:
             await p.counts.incr(p.pool, addr)
 
@@ -161,7 +164,7 @@ async def busy(p, addr, n=1):
 async def unbusy(p, addr, n=1):
     for _ in range(n):
         if p.env.store_url == "memory":
-            p.env.load.end(addr)
+            p.env.load.end(_HELD[(id(p), addr)].pop())
         else:
             await p.counts.decr(p.pool, addr)
 

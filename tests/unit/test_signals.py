@@ -32,7 +32,7 @@ async def test_one_scraper_per_endpoint_however_many_readers():
     hits: list[float] = []
     runner, addr = await _metrics_server(hits)
     seen = []
-    svc = ScraperService(on_sample=lambda a, m: seen.append(a))
+    svc = ScraperService(on_sample=lambda a, m, at: seen.append(a))
     await svc.start()
     try:
         slow = svc.subscribe(ScrapeSpec(interval=0.2))
@@ -95,15 +95,15 @@ def test_pick_share_window():
     assert s.over(0.5) == set()
 
 
-def test_load_view_counts_requests_and_tokens_exactly():
+def test_load_view_counts_requests_and_tokens_exactly_once():
     v = LoadView()
-    v.begin("a", tokens=100)
-    v.begin("a", tokens=50)
+    t1 = v.begin("a", tokens=100)
+    t2 = v.begin("a", tokens=50)
     v.begin("b")
     assert (v.requests("a"), v.tokens("a"), v.requests("b"), v.tokens("b")) == (2, 150, 1, 0)
-    v.end("a", tokens=100)
-    v.end("a", tokens=50)
-    v.end("a", tokens=10)                # a stray release never goes negative
+    v.end(t1)
+    v.end(t2)
+    v.end(t2)                            # a ticket is released once, however often it is ended
     assert (v.requests("a"), v.tokens("a")) == (0, 0)
 
 

@@ -1,0 +1,1 @@
+"""Filters: each keeps a subset of the candidates (one module per filter)."""
