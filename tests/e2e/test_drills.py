@@ -14,24 +14,26 @@ pytestmark = pytest.mark.e2e
 
 
 def test_failure_drills_meet_their_targets(tmp_path, capsys):
-    """ai-lb killed, Redis killed, Redis stopped: no client sees a failure; a backend
-    killed: only streams already flowing on it fail (non-streaming requests are retried);
-    every in-flight count (ai-lb's and Redis's) is back to 0 afterwards."""
+    """A hung Redis (SIGSTOP): no client sees a failure, ai-lb decides with local counts; a
+    backend killed: only streams already flowing on it fail (non-streaming requests are
+    retried); every in-flight count (ai-lb's and Redis's) is back to 0 afterwards. (ai-lb
+    killed and Redis killed have their own end-to-end tests: test_gateway.py,
+    test_global_least_request.py; `python -m aibench.drill` runs all four.)"""
     out = tmp_path / "drills.json"
-    rc = drill.main(["--seconds", "3", "--concurrency", "12", "--json", str(out)])
+    rc = drill.main(["--drills", "redis-stop,backend-kill", "--seconds", "3", "--concurrency", "12",
+                     "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     import json
 
     results = {r["drill"]: r for r in json.loads(out.read_text())}
-    assert set(results) == set(drill.DRILLS)
-    for name in ("ai-lb-kill", "redis-kill", "redis-stop"):
-        assert results[name]["failed"] == 0, text
+    assert set(results) == {"redis-stop", "backend-kill"}
+    assert results["redis-stop"]["failed"] == 0, text
+    assert results["redis-stop"]["local_picks"] > 0  # Redis really was out, and ai-lb decided locally
     bk = results["backend-kill"]
     assert bk["failed_json"] == 0 and bk["failed"] <= bk["target_inflight"], text
     for r in results.values():
         assert r["ai_lb_inflight_after"] == 0 and r["redis_counts_after"] == 0, text
-    assert results["redis-stop"]["local_picks"] > 0  # Redis really was out, and ai-lb decided locally
 
 
 def test_body_fuzz_short_run_no_crash_no_hang():

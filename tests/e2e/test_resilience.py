@@ -56,33 +56,15 @@ def test_reference_config_validates_with_envoy():
     assert r.returncode == 0 and "OK" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
 
 
-def test_requests_in_flight_on_a_crashed_backend_are_retried_on_another(gw):
-    """ai-lb pins every request to backend 0, which dies mid-generation: every non-streaming
-    request (no response started) is retried by Envoy on another host and succeeds, and so
-    is every request sent while the dead host is still ai-lb's pick."""
+def test_a_crashed_backend_is_ejected_at_once_and_its_requests_are_retried_on_another(gw):
+    """ai-lb pins every request to backend 0, which dies mid-generation: Envoy's outlier
+    detection ejects it well within a second, and every non-streaming request (no response
+    started) is retried on another host and succeeds, and so is every request sent while
+    the dead host is still ai-lb's pick."""
     gw.ai_lb({"llm": {"lb_policy": "round_robin", "endpoints": {"cluster": "llm_backends", "static": [gw.addr(0)]}}})
     res = h.LoadResult()
     t = threading.Thread(target=lambda: h.load(gw.url + CHAT, n=36, concurrency=12, res=res,
                                                make_body=lambda i: h.chat_body(f"r{i}", max_tokens=6000)))
-    t.start()
-    time.sleep(0.5)
-    _crash(gw, 0, restart_after_s=4)
-    t.join(60)
-    try:
-        assert res.failed == 0, (res.statuses, res.errors[:3])
-        assert res.total == 36
-        others = res.served_by[str(gw.backends[1])] + res.served_by[str(gw.backends[2])]
-        assert others >= 12, (res.served_by, sorted(res.latencies)[::10])  # the ones in flight at the crash went elsewhere
-        assert _stat(gw.ports.admin, "cluster.llm_backends.upstream_rq_retry") >= 12
-    finally:
-        h.wait_cluster_healthy(gw.ports.admin, "llm_backends", 3, timeout=20)
-
-
-def test_a_dead_backend_is_ejected_within_a_second_under_traffic(gw):
-    gw.ai_lb({"llm": {"lb_policy": "round_robin", "endpoints": {"cluster": "llm_backends"}}})
-    res = h.LoadResult()
-    t = threading.Thread(target=lambda: h.load(gw.url + CHAT, duration=3.0, concurrency=4, res=res,
-                                               make_body=lambda i: h.chat_body(f"e{i}", max_tokens=8)))
     t.start()
     time.sleep(0.5)
     t0 = time.monotonic()
@@ -93,10 +75,14 @@ def test_a_dead_backend_is_ejected_within_a_second_under_traffic(gw):
             ejected_after = time.monotonic() - t0
             break
         time.sleep(0.02)
-    t.join(30)
+    t.join(60)
     try:
         assert ejected_after is not None and ejected_after < 1.0, ejected_after
-        assert res.failed == 0, (res.statuses, res.errors[:3])  # retried on the others meanwhile
+        assert res.failed == 0, (res.statuses, res.errors[:3])
+        assert res.total == 36
+        others = res.served_by[str(gw.backends[1])] + res.served_by[str(gw.backends[2])]
+        assert others >= 12, (res.served_by, sorted(res.latencies)[::10])  # the ones in flight at the crash went elsewhere
+        assert _stat(gw.ports.admin, "cluster.llm_backends.upstream_rq_retry") >= 12
     finally:
         h.wait_cluster_healthy(gw.ports.admin, "llm_backends", 3, timeout=20)
 
@@ -121,7 +107,5 @@ def test_circuit_breakers_are_set_deliberately(gw):
     assert "ai_lb::default_priority::max_requests::10000" in text
     assert "llm_backends::default_priority::max_requests::4096" in text
     assert "llm_backends::default_priority::max_connections::4096" in text
-    _, cfg = h.http_get(f"http://127.0.0.1:{gw.ports.admin}/config_dump?resource=dynamic_route_configs")
-    routes = json.loads(h.http_get(f"http://127.0.0.1:{gw.ports.admin}/config_dump")[1])
-    text = json.dumps(routes)
+    text = json.dumps(json.loads(h.http_get(f"http://127.0.0.1:{gw.ports.admin}/config_dump")[1]))
     assert '"timeout": "0s"' in text and "300s" in text  # no route timeout; the stream idle timeout stays
