@@ -42,12 +42,22 @@ POLICIES = {  # name -> lb_config
     "least_kv_cache": {},
     "global_least_request": {},
     "prefix_cache": {},
+    "cache_aware": {},
+    "estimated_ttft": {"sample": 0},
     "endpoint_metrics": {"metric_policy": "default"},
 }
-USES_METRICS = ("endpoint_metrics", "fd_metrics_score", "least_kv_cache")
+USES_METRICS = ("endpoint_metrics", "fd_metrics_score", "least_kv_cache", "cache_aware", "estimated_ttft")
+
+
+BODY_KB = 0  # --body-kb: one long user turn of this size instead of the default chat
 
 
 def messages(i: int) -> bytes:
+    if BODY_KB:
+        doc = ("retrieved passage %d about the topic at hand. " % (i % 7)) * (BODY_KB * 1024 // 45)
+        return json.dumps({"model": "m", "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                                      {"role": "user", "content": doc + f" question {i}"}],
+                           "max_tokens": 16}).encode()
     conv = [{"role": "system", "content": "You are a helpful assistant. " * 20}]
     for t in range(3):
         conv += [{"role": "user", "content": f"question {t} of user {i % 50}"}, {"role": "assistant", "content": "answer " * 30}]
@@ -124,7 +134,10 @@ def main() -> int:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--endpoints", default="8,64,512,1000")
     ap.add_argument("--stores", default="memory,redis")
+    ap.add_argument("--body-kb", type=int, default=0, help="one long prompt of this many KB (e.g. 220)")
     a = ap.parse_args()
+    global BODY_KB
+    BODY_KB = a.body_kb
     srv = RedisServer(Path(tempfile.mkdtemp())).start()
     try:
         print("| policy | store | endpoints | p50 (µs) | p99 (µs) | decisions/s |")

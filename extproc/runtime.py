@@ -42,7 +42,7 @@ class RouteRuntime:
     """One route's compiled config; read on every request, so plain attributes only."""
 
     __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "needs", "endpoints",
-                 "by_endpoint", "_cand", "_cand_version", "_told")
+                 "by_endpoint", "sample", "_cand", "_cand_version", "_told")
 
     def __init__(self, config: RouteConfig, policy: Policy | None) -> None:
         self.name = config.name
@@ -56,6 +56,7 @@ class RouteRuntime:
         # What the policy needs to see: (request body, response headers, response body).
         self.needs: tuple[bool, bool, bool] | None = (
             policy.needs_body, policy.needs_response_headers, policy.needs_response_body) if policy else None
+        self.sample = policy.first_token_sample if policy and not policy.needs_response_body else 0.0
         self._cand: tuple = ()
         self._cand_version = -1
         self._told = False

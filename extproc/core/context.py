@@ -33,7 +33,7 @@ class BodyError(ValueError):
 class RequestContext:
     __slots__ = ("route", "_header_map", "_headers", "body", "body_complete", "_json", "endpoint", "cluster",
                  "status", "response_complete", "started", "first_byte_at", "policy_state", "policy", "outcome",
-                 "prompt_tokens", "tickets")
+                 "prompt_tokens", "tickets", "watch")
 
     def __init__(self, route: str, headers: dict[str, str] | None = None, header_map: Any = None) -> None:
         self.route = route
@@ -53,6 +53,7 @@ class RequestContext:
         self.outcome = "complete"
         self.prompt_tokens = 0          # the policy's estimate of the prompt size (assumed load)
         self.tickets: tuple = ()        # the load view's tickets of the endpoints this request occupies
+        self.watch: Any = None          # a first-token detector when the response is watched for TTFT
 
     @property
     def headers(self) -> dict[str, str]:

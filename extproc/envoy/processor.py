@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 import grpc
@@ -19,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ..core import BodyError, ClusterPick, Endpoint, Fallback, Pick, Reject, RequestContext, Wait
 from ..runtime import RouteRuntime, Runtime
 from ..signals import LoadView
+from ..signals.first_token import FirstToken
 from ..telemetry import RateLimitedLog, Telemetry
 from .answers import PM, Answers, processing_mode
 
@@ -91,8 +93,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self.telemetry.fallback(route_name, rt.policy_name if rt else "", reason)
             return None, rt, self.answers.passthrough("headers")
         ctx = RequestContext(route_name, header_map=hm.headers)
+        if rt.sample and random.random() < rt.sample:
+            ctx.watch = FirstToken()  # this response is watched to its first token
         if rt.needs_body and not hm.end_of_stream:
-            return ctx, rt, self.answers.passthrough("headers", _mode(rt))
+            return ctx, rt, self.answers.passthrough("headers", _mode(rt, ctx))
         if rt.needs_body:  # bodyless request on a prompt-reading route: nothing to wait for
             self.telemetry.skip(route_name, "no_body")
             return ctx, rt, self.answers.passthrough("headers")
@@ -117,7 +121,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         candidates = rt.candidates(self.runtime.directory)
         if not candidates and rt.by_endpoint:
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
-            return self.answers.passthrough(phase, _mode(rt) if phase == "headers" else None)
+            return self.answers.passthrough(phase, _mode(rt, ctx) if phase == "headers" else None)
         try:
             d = await policy.pick(ctx, candidates)
         except BodyError as e:
@@ -144,18 +148,18 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             begin, tokens = self.load.begin, ctx.prompt_tokens
             ctx.tickets = (begin(d.address, tokens), *(begin(e.address, tokens) for _, e in also))
             self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
-            return self.answers.pick(phase, d.address, _mode(rt) if phase == "headers" else None)
+            return self.answers.pick(phase, d.address, _mode(rt, ctx) if phase == "headers" else None)
         if isinstance(d, ClusterPick):
             ctx.cluster = d.cluster
             ctx.policy = policy
             self.runtime.acquire(policy)
             self.telemetry.picked(ctx.route, rt.policy_name, d.cluster, _perf() - t0)
-            return self.answers.to_cluster(phase, d.header, d.cluster, _mode(rt) if phase == "headers" else None)
+            return self.answers.to_cluster(phase, d.header, d.cluster, _mode(rt, ctx) if phase == "headers" else None)
         if isinstance(d, Reject):
             self.telemetry.rejected(ctx.route, rt.policy_name, d.status, _perf() - t0)
             return self.answers.reject(d.status, d.message)
         self.telemetry.fallback(ctx.route, rt.policy_name, d.reason, detail)
-        return self.answers.passthrough(phase, _mode(rt) if phase == "headers" else None)
+        return self.answers.passthrough(phase, _mode(rt, ctx) if phase == "headers" else None)
 
     # -- response phase ----------------------------------------------------------------
     def _on_response_headers(self, req: pb.ProcessingRequest, ctx: RequestContext | None) -> pb.ProcessingResponse:
@@ -181,6 +185,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             if b.end_of_stream:
                 ctx.response_complete = True
             try:
+                if ctx.watch is not None and ctx.watch.feed(b.body, b.end_of_stream):
+                    ctx.policy.on_first_token(ctx, time.monotonic() - ctx.started)
                 ctx.policy.on_response_body(ctx, b.body, b.end_of_stream)
             except Exception as e:  # noqa: BLE001
                 self._errlog.warn(("hook", "response_body"), "on_response_body failed: %r", e)
@@ -203,9 +209,14 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self.runtime.release(ctx.policy)
 
 
-def _mode(rt: RouteRuntime) -> PM | None:
-    """The processing mode the route's policy needs from Envoy (interned per combination)."""
-    return processing_mode(*rt.needs) if rt.needs is not None else None
+def _mode(rt: RouteRuntime, ctx: RequestContext | None = None) -> PM | None:
+    """The processing mode the route's policy needs from Envoy (interned per combination);
+    a watched response (first-token sampling) also streams its body to us."""
+    if rt.needs is None:
+        return None
+    if ctx is not None and ctx.watch is not None:
+        return processing_mode(rt.needs[0], rt.needs[1], True)
+    return processing_mode(*rt.needs)
 
 
 def _outcome(ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> str:

@@ -77,6 +77,9 @@ class Policy:
     needs_body: bool = False
     needs_response_headers: bool = False
     needs_response_body: bool = False
+    # Fraction of requests whose response the core watches to its first token, calling
+    # ``on_first_token`` (costs one ext_proc message per response chunk until then).
+    first_token_sample: float = 0.0
 
     def __init__(self, config: Any, env: PolicyEnv) -> None:
         self.config = config
@@ -99,6 +102,10 @@ class Policy:
 
     def on_response_body(self, ctx: "RequestContext", chunk: bytes, end_of_stream: bool) -> None:
         pass
+
+    def on_first_token(self, ctx: "RequestContext", ttft: float) -> None:
+        """A watched response (``first_token_sample``) produced its first token ``ttft``
+        seconds after the request reached ai-lb."""
 
     def on_done(self, ctx: "RequestContext") -> None:
         pass

@@ -21,7 +21,6 @@ A non-200 response counts as ``2 x max(mean latency of any cluster)``, as in Hig
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,14 +28,13 @@ from typing import Literal, Sequence
 
 from ..core import ClusterPick, Decision, Endpoint
 from ..signals import PickShare
+from ..signals.first_token import FirstToken
 from .base import Policy, PolicyConfig
 
 MODES = ("LeastBusy", "LeastTotalLatency", "LeastFirstTokenLatency")
 
 # A JSON string field that carries generated text and is not empty. ``"content":""`` (the role
 # chunk, keep-alive chunks) does not match; neither does an escaped quote inside a string.
-_TOKEN_RE = re.compile(rb'"(?:content|reasoning_content|reasoning|text)"\s*:\s*"[^"]')
-_TAIL = 48  # bytes kept from a chunk so a field split across two chunks is still found
 
 
 @dataclass(frozen=True)
@@ -101,12 +99,11 @@ class _Samples:
 
 
 class _ReqState:
-    __slots__ = ("probe", "scan", "tail", "ttft")
+    __slots__ = ("probe", "first", "ttft")
 
     def __init__(self, probe: bool) -> None:
         self.probe = probe       # this request was an exploration pick
-        self.scan = True         # still looking for the first token
-        self.tail = b""
+        self.first = FirstToken()
         self.ttft: float | None = None
 
 
@@ -194,25 +191,8 @@ class ClusterMetrics(Policy):
     # -- observing -----------------------------------------------------------------------
     def on_response_body(self, ctx, chunk: bytes, end_of_stream: bool) -> None:
         st = ctx.policy_state
-        if st is None or not st.scan:
-            return
-        if chunk:
-            if not st.tail:
-                head = chunk.lstrip()[:1]
-                if head in (b"{", b"["):  # a whole JSON answer, not SSE: TTFT = first byte
-                    st.ttft = self._clock() - ctx.started
-                    st.scan = False
-                    return
-            buf = st.tail + chunk
-            if _TOKEN_RE.search(buf):
-                st.ttft = self._clock() - ctx.started
-                st.scan = False
-                st.tail = b""
-                return
-            st.tail = buf[-_TAIL:]
-        if end_of_stream and st.scan:  # a stream without any generated text: its whole duration
+        if st is not None and st.first.feed(chunk, end_of_stream):
             st.ttft = self._clock() - ctx.started
-            st.scan = False
 
     def on_done(self, ctx) -> None:
         cluster = ctx.cluster

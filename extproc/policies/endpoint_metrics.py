@@ -70,7 +70,6 @@ class EndpointMetricsPolicy(ScheduledPolicy):
     def __init__(self, config: EndpointMetricsConfig, env) -> None:
         super().__init__(config, env)
         self.needs_body = config.metric_policy == "default"  # the request's LoRA adapter
-        self._share = next(f for f in self.profile.filters if f.name == "pick_share")
         self._route = env.route.name
 
     def extra_metrics(self, config: EndpointMetricsConfig) -> tuple[str, ...]:
@@ -89,9 +88,6 @@ class EndpointMetricsPolicy(ScheduledPolicy):
         for what, n in events.items():
             self._log.warn(("endpoint_metrics", self._route, what), "endpoint_metrics route=%s: %s x%d (%d so far); "
                            "deciding with what is known", self._route, what, n, self.stats.get(what, 0))
-
-    def picked(self, c, snap) -> None:
-        self._share.record(c.address, snap.now)
 
 
 POLICY = EndpointMetricsPolicy

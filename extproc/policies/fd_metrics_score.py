@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..scheduling import spec
-from ..scheduling.scorers.fd_metrics import fd_score
 from .scheduler import MetricsAwareConfig, ScheduledPolicy
 
 

@@ -8,7 +8,9 @@ Higress's ``prefix_cache`` done properly (see docs/policies/prefix_cache.md):
   their TTL, and routes to the deepest match; with no match it picks the least loaded
   endpoint from the in-flight counts shared with ``global_least_request``. The depths
   after the match (including a stale one) are then written with the chosen endpoint.
-* Redis slow or down: that decision uses the process-local index; never fails a request.
+* With Redis, one decision is one round trip: a single script matches, applies the load
+  guard, picks, counts and records (``state/redis_prefix.py``). Redis slow or down: that
+  decision uses the process-local index and this instance's counts; never fails a request.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from ..core import Decision, Endpoint, Fallback
 from ..signals.load_index import IndexedSet
 from ..signals.prefix_keys import request_keys
 from ..state.counts import LocalCounts
-from ..state.prefix_index import PrefixIndex
 from ..state.redis_conn import RedisUnavailable
+from ..state.redis_prefix import RedisPrefixPick
 from ..state.redis_settings import RedisSettings
 from .base import Policy
 
@@ -76,8 +78,8 @@ class PrefixCache(Policy):
         store_url = config.store_url(env.store_url)
         # The process-local index survives reloads (it belongs to the gateway's stores).
         self.local = env.stores.local_prefix_index(config.max_local_entries)
-        self.index: PrefixIndex = env.stores.prefix_index(store_url, config.timeout_s) or self.local
         self.counts = env.stores.counts(store_url, config.timeout_s)
+        self.redis = None if isinstance(self.counts, LocalCounts) else RedisPrefixPick(self.counts)
         self.stats = {"hit": 0, "miss": 0, "index_fallback": 0, "imbalanced": 0}
         self._counts_started = False
         # Memory store: the counts are the core's own, read from an index (flat in fleet size).
@@ -105,18 +107,19 @@ class PrefixCache(Policy):
         keys = request_keys(doc, self.env.route.name, self.cluster, c.chunk_chars, c.max_depth)
         cs = self.set.update(candidates)
         by_addr, healthy = cs.by_addr, cs.addresses
-        idx = self.index
-        depth, host = 0, None
-        if keys:
-            if idx is self.local:
-                depth, host = self.local.match_now(self.pool, keys, by_addr, self.ttl)
+        if self.redis is not None:
+            try:
+                host, depth, imbalanced = await self.redis.pick(self.pool, keys, healthy, self.ttl,
+                                                                c.balance_abs_threshold, c.balance_rel_threshold)
+            except RedisUnavailable:
+                self.stats["index_fallback"] += 1  # decided below from the local index and counts
             else:
-                try:
-                    depth, host = await idx.match(self.pool, keys, healthy, self.ttl)
-                except RedisUnavailable:
-                    self.stats["index_fallback"] += 1
-                    idx = self.local
-                    depth, host = self.local.match_now(self.pool, keys, by_addr, self.ttl)
+                self.stats["imbalanced"] += imbalanced
+                self.stats["hit" if depth else "miss"] += 1
+                ctx.policy_state = (self.pool, host)
+                self.local.record_now(self.pool, keys, host, self.ttl)  # write-through: affinity survives an outage
+                return by_addr[host]
+        depth, host = self.local.match_now(self.pool, keys, by_addr, self.ttl) if keys else (0, None)
         if host is None or host not in by_addr:
             depth, host = 0, None
         elif len(healthy) > 1 and await self._overloaded(host, cs):
@@ -141,17 +144,8 @@ class PrefixCache(Policy):
         ctx.policy_state = (self.pool, host) if counted else None
 
         rest = keys[depth:]
-        if idx is self.local:
-            if rest:
-                self.local.record_now(self.pool, rest, host, self.ttl)
-        else:
-            if rest:
-                try:
-                    await idx.record(self.pool, rest, host, self.ttl)
-                except RedisUnavailable:
-                    self.stats["index_fallback"] += 1
-            # write-through, so a Redis outage keeps this instance's affinity
-            self.local.record_now(self.pool, keys, host, self.ttl)
+        if rest:
+            self.local.record_now(self.pool, rest, host, self.ttl)
         return by_addr[host]
 
     async def _overloaded(self, host: str, cs: IndexedSet) -> bool:

@@ -69,6 +69,8 @@ BUILTIN = (
     "process_tokens",
     "fd_metrics_score",
     "least_kv_cache",
+    "cache_aware",
+    "estimated_ttft",
 )
 
 

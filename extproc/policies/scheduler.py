@@ -74,6 +74,11 @@ class ScheduledPolicy(Policy):
         super().__init__(config, env)
         filters, scorers, picker = self.profile_specs(config)
         self.profile = Profile([s.build() for s in filters], [s.build() for s in scorers], picker.build())
+        for p in self.profile.plugins:
+            p.bind(env)
+        self.needs_body = self.profile.needs_body
+        self.first_token_sample = self.profile.ttft_sample
+        self.notes = any(p.keeps_notes for p in self.profile.plugins)
         self.stale_after = getattr(config, "stale_after", 1.0)
         self.scheduler = Scheduler(env.load, self.profile, stale_after=self.stale_after,
                                    max_candidates=self.max_candidates(config), index_key=self.index_key(),
@@ -108,6 +113,8 @@ class ScheduledPolicy(Policy):
     # -- the policy -------------------------------------------------------------------------
     def on_candidates(self, candidates: Sequence[Endpoint]) -> None:
         self.scheduler.on_candidates(candidates)
+        for p in self.profile.plugins:
+            p.on_candidates(candidates)
         if self.scraper is not None:
             self.scraper.want(e.address for e in candidates)
 
@@ -119,6 +126,8 @@ class ScheduledPolicy(Policy):
         consistent view and no other decision runs in between)."""
         if not candidates:
             return Fallback("no_healthy_endpoints")
+        if self.notes:
+            ctx.policy_state = {}  # plugins note what the decision used (for a TTFT sample, the request's end)
         c, snap = self.scheduler.run(ctx, candidates)
         if snap.events:
             st = self.stats
@@ -130,11 +139,18 @@ class ScheduledPolicy(Policy):
             return Fallback(self.fallback_reason)
         if self.profile.counts_tokens:
             ctx.prompt_tokens = snap.prompt_tokens
-        self.picked(c, snap)
+        for p in self.profile.plugins:
+            p.picked(snap, c)
         return c.endpoint
 
-    def picked(self, c, snap) -> None:
-        """Hook after a pick (e.g. the share-of-picks window)."""
+    def on_first_token(self, ctx, ttft: float) -> None:
+        for p in self.profile.plugins:
+            p.first_token(ctx, ttft)
+
+    def on_done(self, ctx) -> None:
+        if self.notes:
+            for p in self.profile.plugins:
+                p.done(ctx)
 
     def noticed(self, events: dict[str, int]) -> None:
         """Hook: what the plugins counted in this decision (already added to ``stats``)."""

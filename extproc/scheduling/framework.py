@@ -122,6 +122,21 @@ class Snapshot:
             loads = [rec(e.address) for e in endpoints]
         self.candidates = [Candidate(e, r, self) for e, r in zip(endpoints, loads)]
         self.events: dict[str, int] = {}   # what plugins noticed (missing metrics, ...), for the policy's stats
+        self._prefix: dict[int, Any] = {}
+        self.notes: dict[str, Any] = {}    # per-decision facts plugins share (e.g. TTFT estimates)
+
+    def set_candidates(self, endpoints: Sequence[Endpoint]) -> None:
+        rec = self.view.record
+        self.candidates = [Candidate(e, rec(e.address), self) for e in endpoints]
+
+    def prefix(self, index: Any, block_bytes: int) -> Any:
+        """This request's prompt blocks against ``index`` (computed once per decision)."""
+        m = self._prefix.get(block_bytes)
+        if m is None:
+            from .prefix_match import PrefixMatch
+
+            m = self._prefix[block_bytes] = PrefixMatch(self.ctx, index, block_bytes)
+        return m
 
     def count(self, what: str, n: int = 1) -> None:
         self.events[what] = self.events.get(what, 0) + n
@@ -148,9 +163,33 @@ class Plugin:
     Config: ClassVar[type] = type(None)
     uses_metrics: bool = False   # reads scraped metrics: the policy then subscribes to scrapes
     uses_tokens: bool = False    # reads prompt tokens in flight: the request's own size is then estimated
+    needs_body: bool = False     # reads the prompt: the policy then asks Envoy for the body
+    ttft_sample: float = 0.0     # fraction of responses whose first token it wants to hear of
+    keeps_notes: bool = False    # notes per request (ctx.policy_state) for first_token / done
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
+
+    def bind(self, env: Any) -> None:
+        """Called once with the policy's environment (shared state such as the block index)."""
+
+    def on_candidates(self, endpoints: Sequence[Endpoint]) -> None:
+        """The route's candidates changed (discovery)."""
+
+    def prefer(self, snap: "Snapshot", k: int) -> Sequence[str]:
+        """Endpoints this plugin wants scored even when preselection would leave them out
+        (a big fleet: e.g. the holders of the request's prefix)."""
+        return ()
+
+    def picked(self, snap: "Snapshot", chosen: "Candidate") -> None:
+        """The decision went to ``chosen`` (record what the plugin needs to remember)."""
+
+    def done(self, ctx: RequestContext) -> None:
+        """A request this plugin's policy routed has ended (exactly once)."""
+
+    def first_token(self, ctx: RequestContext, ttft: float) -> None:
+        """A watched response (``ttft_sample``) produced its first token ``ttft`` s after
+        the request arrived."""
 
 
 class Filter(Plugin):
@@ -187,11 +226,14 @@ class Profile:
         self.filters = tuple(filters)
         self.scorers = tuple(s for s in scorers if s.weight > 0)  # a weight of 0 switches a scorer off
         self.picker = picker
+        self.plugins = (*self.filters, *self.scorers, picker)
         self.stats: dict[str, int] = {}
-        plugins = (*self.filters, *self.scorers, picker)
+        plugins = self.plugins
         self.uses_metrics = any(p.uses_metrics for p in plugins)
         # Prompt sizes matter to token counts and to KV usage (assumed blocks).
         self.counts_tokens = self.uses_metrics or any(p.uses_tokens for p in plugins)
+        self.needs_body = any(p.needs_body for p in plugins)
+        self.ttft_sample = max((p.ttft_sample for p in plugins), default=0.0)
 
     def run(self, snap: Snapshot, cands: list[Candidate] | None = None) -> Candidate | None:
         cands = snap.candidates if cands is None else cands

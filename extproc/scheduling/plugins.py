@@ -129,8 +129,8 @@ class PickerSpec:
 
 BUILTIN = {
     "filter": ("healthy", "fresh_metrics", "queue_below", "kv_room", "band", "pick_share", "higress_chain"),
-    "scorer": ("requests", "tokens", "queue", "kv_cache", "fd_metrics"),
-    "picker": ("max_score", "weighted_random", "top_k"),
+    "scorer": ("requests", "tokens", "queue", "kv_cache", "fd_metrics", "load", "prefix", "estimated_ttft"),
+    "picker": ("max_score", "weighted_random", "top_k", "near_ties"),
 }
 
 

@@ -42,7 +42,7 @@ class Scheduler:
     def close(self) -> None:
         self.set.close()
 
-    def preselected(self, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
+    def preselected(self, endpoints: Sequence[Endpoint], snap: Snapshot) -> Sequence[Endpoint]:
         k = self.max_candidates
         if len(endpoints) <= k:
             return endpoints
@@ -51,7 +51,15 @@ class Scheduler:
         cs = self.set.update(endpoints)
         by, index = cs.by_addr, cs.index
         explore = max(1, k // 4)
-        picked = dict.fromkeys(index.least(k - explore))
+        picked: dict[str, None] = {}
+        for p in self.profile.plugins:    # e.g. the holders of the request's prefix
+            for a in p.prefer(snap, k // 2):
+                if a in by and len(picked) < k // 2:
+                    picked.setdefault(a)
+        for a in index.least(k - explore):
+            if len(picked) >= k - explore:
+                break
+            picked.setdefault(a)
         for a in index.sample(2 * explore):  # a few random others, so a stale-high key is still seen
             if len(picked) >= k:
                 break
@@ -59,12 +67,13 @@ class Scheduler:
         return [by[a] for a in picked]
 
     def snapshot(self, ctx: RequestContext, endpoints: Sequence[Endpoint]) -> Snapshot:
-        eps = self.preselected(endpoints)
-        if eps is endpoints:  # scored whole: the load records of the set are looked up once per change
+        if len(endpoints) <= self.max_candidates:  # scored whole: load records looked up once per change
             if endpoints is not self._whole:
                 self._whole, self._whole_loads = endpoints, [self.view.record(e.address) for e in endpoints]
-            return Snapshot(ctx, self.view, eps, self.stale_after, loads=self._whole_loads)
-        return Snapshot(ctx, self.view, eps, self.stale_after)
+            return Snapshot(ctx, self.view, endpoints, self.stale_after, loads=self._whole_loads)
+        snap = Snapshot(ctx, self.view, (), self.stale_after)
+        snap.set_candidates(self.preselected(endpoints, snap))
+        return snap
 
     def run(self, ctx: RequestContext, endpoints: Sequence[Endpoint]) -> tuple[Candidate | None, Snapshot]:
         snap = self.snapshot(ctx, endpoints)

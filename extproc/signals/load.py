@@ -81,17 +81,19 @@ class EndpointLoad:
     def waiting(self, now: float, stale_after: float) -> float:
         """Requests queued on the engine: scraped waiting + picks assumed since (each
         assumed pick counts as waiting until the engine reports it). Without a fresh
-        scrape, only the assumed picks are known."""
+        scrape nothing is known of its queue: 0 (its requests count as running)."""
         m = self.fresh(now, stale_after)
-        w = m.waiting if m is not None else None
-        return (w or 0.0) + self.assumed_requests
+        if m is None or m.waiting is None:
+            return 0.0
+        return m.waiting + self.assumed_requests
 
     def running(self, now: float, stale_after: float) -> float:
+        """Requests running on the engine (scraped, less those ended since); without a
+        fresh scrape, this process's own requests in flight there."""
         m = self.fresh(now, stale_after)
-        r = m.running if m is not None else None
-        if r is None:
-            return float(self.requests - self.assumed_requests)
-        return max(0.0, r - self.ended_since_scrape)
+        if m is None or m.running is None:
+            return float(self.requests)
+        return max(0.0, m.running - self.ended_since_scrape)
 
     def total(self, now: float, stale_after: float) -> float:
         """Running + waiting, estimated; this process's own count without metrics."""

@@ -30,6 +30,7 @@ from typing import Callable
 
 from .counts import least
 from .redis_conn import RedisConn, RedisUnavailable, redact
+from .redis_keys import count_keys
 
 log = logging.getLogger("ai_lb.redis")
 
@@ -138,9 +139,7 @@ return 1
 """
 
 
-def pool_keys(pool: str) -> tuple[str, str, str]:
-    tag = "{ailb:" + pool.replace("}", "_").replace("{", "_") + "}"
-    return f"{tag}:total", f"{tag}:by_inst", f"{tag}:leases"
+pool_keys = count_keys  # the name the scripts' callers and tests use
 
 
 class RedisCounts:
@@ -214,6 +213,11 @@ class RedisCounts:
         addr = addr.decode() if isinstance(addr, bytes) else addr
         self._book(pool, addr, 1)
         return addr, n
+
+    def unavailable(self, event: str) -> None:
+        """A call failed (Redis slow or down): count it, resync once Redis answers."""
+        self._events(self._label, event)
+        self._resync_needed = True
 
     def _book(self, pool: str, address: str, delta: int) -> None:
         mine = self.mine.setdefault(pool, {})

@@ -10,9 +10,10 @@ benchmarks that run several gateways in turn get separate state.
 
 from __future__ import annotations
 
+from .block_index import BlockIndex
 from .counts import GlobalCounts, LocalCounts
 from .inflight import LocalInflight
-from .prefix_index import MemoryPrefixIndex, PrefixIndex
+from .prefix_index import MemoryPrefixIndex
 from .redis_conn import RedisConn
 
 
@@ -26,7 +27,7 @@ class StateStores:
         self._conns: dict[tuple[str, float], RedisConn] = {}
         self._counts: dict[tuple[str, float], GlobalCounts] = {}
         self._local_prefix: dict[int, MemoryPrefixIndex] = {}
-        self._redis_prefix: dict[tuple[str, float], PrefixIndex] = {}
+        self._block: dict[tuple, BlockIndex] = {}
 
     def count(self, store: str, event: str) -> None:
         k = (store, event)
@@ -62,16 +63,13 @@ class StateStores:
             idx = self._local_prefix[max_entries] = MemoryPrefixIndex(max_entries)
         return idx
 
-    def prefix_index(self, url: str, timeout: float = 0.05) -> PrefixIndex | None:
-        """The shared prefix index of a Redis store (None for ``memory``)."""
-        if url == "memory":
-            return None
-        key = (url, timeout)
-        idx = self._redis_prefix.get(key)
+    def block_index(self, block_bytes: int, max_blocks: int, ttl: float) -> BlockIndex:
+        """The block-level prefix tree for prompts cut at ``block_bytes`` (kept across
+        reloads; chain keys are seeded by model, so routes and models never mix)."""
+        key = (block_bytes, max_blocks, ttl)
+        idx = self._block.get(key)
         if idx is None:
-            from .prefix_index import RedisPrefixIndex
-
-            idx = self._redis_prefix[key] = RedisPrefixIndex(self.connection(url, timeout))
+            idx = self._block[key] = BlockIndex(max_blocks, ttl)
         return idx
 
     async def close(self) -> None:
@@ -79,4 +77,3 @@ class StateStores:
             await c.close()
         self._conns.clear()
         self._counts.clear()
-        self._redis_prefix.clear()

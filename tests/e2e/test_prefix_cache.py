@@ -156,8 +156,8 @@ def test_redis_store_shares_prefixes_across_restarts(gw, tmp_path):
         import redis
 
         r = redis.Redis.from_url(srv.url)
-        ks = r.keys("ai-lb:pc:*")
-        assert len(ks) >= 8 and all(b"{llm|llm_backends}" in k for k in ks), ks[:3]
+        ks = r.keys("*:pc:*")
+        assert len(ks) >= 8 and all(k.startswith(b"{ailb:llm|llm_backends}:pc:") for k in ks), ks[:3]
         assert 500 < r.ttl(ks[0]) <= 600
         r.close()
         # A fresh ai-lb process (empty local index) finds the prefixes in Redis.

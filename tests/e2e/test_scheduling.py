@@ -23,7 +23,7 @@ def picked(gw, policy: str) -> float:
 
 @pytest.mark.parametrize("policy,lb", [
     ("request_num", {}), ("power_of_two", {}), ("process_tokens", {}), ("fd_metrics_score", {"waiting-weight": 5}),
-    ("least_kv_cache", {}),
+    ("least_kv_cache", {}), ("cache_aware", {}), ("estimated_ttft", {"sample": 0.5}),
     ("scheduler", {"filters": [{"name": "healthy"}], "scorers": [{"name": "queue", "weight": 2},
                                                                  {"name": "kv_cache", "weight": 2}]}),
 ])
@@ -80,3 +80,25 @@ def test_a_backend_answering_503_at_once_stops_attracting_traffic(gw, policy):
     failures = sum(n for s, n in res.statuses.items() if s >= 500) + len(res.errors)
     assert failures <= 4, (dict(res.statuses), dict(res.served_by))   # round robin would fail 20
     assert res.statuses[200] >= 56
+
+
+def _hits(gw) -> tuple[int, int]:
+    st = [h.sim_state(p) for p in gw.backends]
+    return sum(s["prefix_cache_hits"] for s in st), sum(s["prefix_cache_queries"] for s in st)
+
+
+@pytest.mark.parametrize("policy", ["cache_aware", "estimated_ttft"])
+def test_block_level_policies_find_sharing_inside_one_message(gw, policy):
+    """Completions prompts that share a long document inside one string (no message
+    boundary to key on): the block-level policies send them where the document is cached."""
+    gw.ai_lb(route(policy))
+    for p in gw.backends:
+        h.post_json(f"http://127.0.0.1:{p}/reset_prefix_cache", {})
+    doc = f"retrieved document {policy} " * 600           # ~4,000 tokens shared
+    body = lambda i: {"model": "sim-model", "prompt": doc + f" question {i}?", "max_tokens": 4}  # noqa: E731
+    h0, q0 = _hits(gw)
+    res = h.load(gw.url + "/v1/completions", n=12, concurrency=1, make_body=body)
+    assert res.failed == 0, res.errors[:3]
+    h1, q1 = _hits(gw)
+    assert (h1 - h0) / (q1 - q0) > 0.8, (h1 - h0, q1 - q0, dict(res.served_by))  # round robin: about 2/3 at best, with 3 cold copies
+    assert len(res.served_by) <= 2, dict(res.served_by)

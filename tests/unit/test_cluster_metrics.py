@@ -175,7 +175,7 @@ def test_ttft_ignores_role_and_empty_content_chunks():
         p._clock.t = t0 + i
         p.on_response_body(ctx, e, False)
     assert ctx.policy_state.ttft == 2.0
-    assert ctx.policy_state.scan is False  # stops looking after the first token
+    assert ctx.policy_state.first.seen  # stops looking after the first token
 
 
 def test_ttft_found_when_the_field_is_split_across_chunks():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.config import ConfigError, RouteConfig, policy_config
+from extproc.config import ConfigError, policy_config
 from extproc.runtime import parse_config
 from extproc.core import RequestContext
 from extproc.core import Endpoint
@@ -222,7 +222,8 @@ def test_rate_limit_caps_a_hosts_share_within_the_window_and_forgets_after_it():
     without = picks(make("least", target_metric="vllm:num_requests_running"), states, n=100)
     assert without == {A: 100}
     time.sleep(0.35)  # the window is time, not "the last 100 picks": history expires
-    assert p._share.share.over(0.5) == set()  # every old pick has left the window
+    share = next(f for f in p.profile.filters if f.name == "pick_share").share
+    assert share.over(0.5) == set()  # every old pick has left the window
     assert picks(p, states, n=1) == {A: 1}
 
 

@@ -13,7 +13,8 @@ from extproc.policies.prefix_cache import PrefixCacheConfig
 from extproc.signals.prefix_keys import request_keys
 from core_sim import done as core_done
 from core_sim import route
-from extproc.state.prefix_index import MemoryPrefixIndex, RedisPrefixIndex
+from extproc.state.prefix_index import MemoryPrefixIndex
+from extproc.state.redis_keys import prefix_key
 from aibench.redis_server import RedisServer
 
 EPS = [Endpoint("10.0.0.1:1"), Endpoint("10.0.0.2:1"), Endpoint("10.0.0.3:1")]
@@ -175,6 +176,29 @@ def req(p, doc):
     return ctx
 
 
+async def seed_keys(p, chain, host):
+    """Record ``chain`` -> ``host`` where the policy will look: its local index, or Redis."""
+    if p.redis is None:
+        p.local.record_now(p.pool, chain, host, p.ttl)
+        return
+    for k in chain:
+        await p.counts.conn.client.execute("SET", prefix_key(p.pool, k), host, "EX", int(p.ttl))
+
+
+async def matched(p, chain, healthy=None):
+    """(depth, endpoint) of ``chain`` as the policy's index holds it now."""
+    healthy = set(healthy or A)
+    if p.redis is None:
+        return p.local.match_now(p.pool, chain, healthy, p.ttl)
+    depth, host = 0, None
+    for i, k in enumerate(chain):
+        h = await p.counts.conn.client.execute("GET", prefix_key(p.pool, k))
+        if h is None or h.decode() not in healthy:
+            break
+        depth, host = i + 1, h.decode()
+    return depth, host
+
+
 async def pick(p, doc, eps=EPS, done=True):
     ctx = req(p, doc)
     e = await route(p, ctx, eps)
@@ -219,8 +243,7 @@ def test_conversation_sticks_and_counts_are_balanced(store):
                 turns += [f"answer {i}", f"question {i}"]
                 assert await pick(p, chat(*turns)) == first
             assert p.stats["hit"] == 4 and p.stats["miss"] == 1
-            if p.index is not p.local:
-                assert p.stats["index_fallback"] == 0
+            assert p.stats["index_fallback"] == 0
             await asyncio.sleep(0.05)  # RedisCounts.release decrements in a task
             assert await p.counts.counts(p.pool, A) == {a: 0 for a in A}  # every incr got its decr
         finally:
@@ -258,21 +281,21 @@ def test_deepest_healthy_match_wins_and_stale_is_overwritten(store):
         try:
             doc = chat("u1", "a1", "u2", "a2", "u3")
             k = keys(doc, route=p.env.route.name, cluster="llm")
-            await p.index.record(p.pool, k[:1], A[0], 1800)
-            await p.index.record(p.pool, k[1:2], A[1], 1800)
+            await seed_keys(p, k[:1], A[0])
+            await seed_keys(p, k[1:2], A[1])
             assert await pick(p, doc) == A[1]  # depth 2 beats depth 1
-            assert await p.index.match(p.pool, k, A, 1800) == (3, A[1])  # depth 3 written with it
+            assert await matched(p, k) == (3, A[1])  # depth 3 written with it
             # A[1] goes down: the walk stops at depth 1 (A[0]); depths 2..3 are rewritten.
             # A[0] is the busier one, so only the prefix match can send it there.
             await busy(p, A[0], 2)
             assert await pick(p, doc, eps=[EPS[0], EPS[2]]) == A[0]
             await unbusy(p, A[0], 2)
-            assert await p.index.match(p.pool, k, A, 1800) == (3, A[0])
+            assert await matched(p, k) == (3, A[0])
             # A[1] back: the conversation stays where it moved
             assert await pick(p, doc) == A[0]
             # A[0] down too: no healthy match, least loaded among what is left; all rewritten
             assert await pick(p, doc, eps=[EPS[2]]) == A[2]
-            assert await p.index.match(p.pool, k, A, 1800) == (3, A[2])
+            assert await matched(p, k) == (3, A[2])
             assert await pick(p, chat("u1", "a1", "u2", "a2", "u3", "a3", "u4")) == A[2]
         finally:
             await p.close()
@@ -363,10 +386,11 @@ def test_redis_keys_share_one_slot_and_ttl_is_refreshed(tmp_path):
             r = aioredis.Redis.from_url(srv.url)  # an independent client to inspect the keys
             doc = chat("u1", "a1", "u2")
             await pick(p, doc)
-            ks = sorted(x.decode() for x in await r.keys("ai-lb:pc:*"))
+            ks = sorted(x.decode() for x in await r.keys("*:pc:*"))
             assert len(ks) == 2
-            tags = {k[k.index("{"):k.index("}") + 1] for k in ks}
-            assert tags == {"{llm(x)|llm}"}  # one hash tag: one Redis Cluster slot
+            everything = [x.decode() for x in await r.keys("*")]
+            tags = {k[k.index("{"):k.index("}") + 1] for k in everything}
+            assert tags == {"{ailb:llm_x_|llm}"}  # one hash tag for prefixes and counts: one slot
             for k in ks:
                 assert 90 < await r.ttl(k) <= 100
                 await r.expire(k, 5)
@@ -420,7 +444,7 @@ def test_two_instances_share_prefixes_through_redis(tmp_path):
             a = await pick(p, chat("conversation 1"))
             assert await pick(q, chat("conversation 1", "x", "y")) == a
             assert q.stats["hit"] == 1
-            assert isinstance(q.index, RedisPrefixIndex)
+            assert q.redis is not None
         finally:
             await p.close()
             await q.close()

@@ -179,10 +179,7 @@ def test_snapshot_estimates_the_prompt_from_the_body_or_content_length():
 # -- presets -----------------------------------------------------------------------------------------
 def make(name, **lb):
     cls = registry.get(name)
-    from extproc.config import RouteConfig  # noqa: F401
-    from extproc.runtime import parse_config as _pc  # validates like a real config
-
-    cfg = _pc("routes: {r: {lb_policy: %s, lb_config: %s, endpoints: {static: [%s]}}}"
+    cfg = parse_config("routes: {r: {lb_policy: %s, lb_config: %s, endpoints: {static: [%s]}}}"
               % (name, lb or "{}", ", ".join(f"'{a}'" for a in A))).routes["r"].lb_config
     from extproc.config import policy_config
 

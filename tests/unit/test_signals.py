@@ -118,7 +118,6 @@ async def test_memory_counts_are_the_core_counts_and_redis_stores_are_shared_per
     r1 = stores.counts("redis://127.0.0.1:1/0", 0.05)
     assert stores.counts("redis://127.0.0.1:1/0", 0.05) is r1
     assert stores.counts("redis://127.0.0.1:1/0", 0.1) is not r1
-    assert stores.prefix_index("memory") is None
     assert stores.local_prefix_index(10) is stores.local_prefix_index(10)
     await stores.close()
 

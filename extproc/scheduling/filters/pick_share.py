@@ -2,7 +2,7 @@
 
 Higress's ``rate_limit``, over a time window (``window`` seconds, default 10) instead of
 "the last 100 picks". The window belongs to the filter instance (one per route), and the
-policy records its picks into it (``record``). ``limit`` 1 switches it off.
+filter records every pick of its policy. ``limit`` 1 switches it off.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ class PickShareFilter(Filter):
         over = self.share.over(self.config.limit, snap.now)
         return [c for c in cands if c.address not in over] if over else cands
 
-    def record(self, address: str, now: float) -> None:
+    def picked(self, snap: Snapshot, chosen: Candidate) -> None:
         if self.config.limit < 1:
-            self.share.record(address, now)
+            self.share.record(chosen.address, snap.now)
 
 
 PLUGIN = PickShareFilter
