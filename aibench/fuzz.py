@@ -217,8 +217,13 @@ def _fallbacks(metrics_port: int) -> dict[str, float]:
     return out
 
 
-def run(n: int, seed: int = 1, concurrency: int = 32, timeout: float = 10.0, quiet: bool = False) -> dict:
-    """Start the stack, send ``n`` bodies, stop everything; returns the numbers."""
+def run(n: int, seed: int = 1, concurrency: int = 32, timeout: float = 10.0, quiet: bool = False,
+        max_local_entries: int = 10_000) -> dict:
+    """Start the stack, send ``n`` bodies, stop everything; returns the numbers.
+
+    ``max_local_entries`` bounds prefix_cache's memory index (an LRU; the policy's default
+    is 100,000): small enough that it is full within the warm-up, so RSS after the warm-up
+    measures leaks, not a bounded cache still filling."""
     tmp = Path(tempfile.mkdtemp(prefix="ai-lb-fuzz-"))
     backends = ds.free_ports(3)
     listen, admin, grpc, metrics = ds.free_ports(4)
@@ -232,7 +237,8 @@ def run(n: int, seed: int = 1, concurrency: int = 32, timeout: float = 10.0, qui
         procs.append(ds.start_envoy(tmp, ports, backends))
         ds.wait_cluster_healthy(admin, "llm_backends", 3, timeout=20)
         cfg = ds.write_ai_lb_config(tmp / "ai-lb.yaml", grpc, metrics,
-                                    {"llm": {"lb_policy": "prefix_cache", "endpoints": {"cluster": "llm_backends"}}},
+                                    {"llm": {"lb_policy": "prefix_cache", "lb_config": {"max_local_entries": max_local_entries},
+                                             "endpoints": {"cluster": "llm_backends"}}},
                                     envoy_admin_port=admin, server={"fallback_log_interval": 10.0})
         ai = ds.start_ai_lb(tmp, cfg, grpc)
         procs.append(ai)
@@ -285,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take before it counts as a hang")
+    p.add_argument("--max-local-entries", type=int, default=10_000,
+                   help="prefix_cache's memory index bound (full within the warm-up, so RSS growth means a leak)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args(argv)
-    r = run(a.bodies, a.seed, a.concurrency, a.timeout)
+    r = run(a.bodies, a.seed, a.concurrency, a.timeout, max_local_entries=a.max_local_entries)
     ext, rss = r["envoy_ext_proc"], r["rss_kb"]
     print(f"{r['bodies']} bodies in {r['seconds']} s ({r['bodies'] / max(r['seconds'], 1e-9):.0f}/s), seed {a.seed}")
     print("  kinds: " + ", ".join(f"{k} {v}" for k, v in sorted(r["by_kind"].items())))
