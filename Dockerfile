@@ -21,7 +21,7 @@ RUN useradd --system --uid 10001 --no-create-home ai-lb
 USER ai-lb
 WORKDIR /
 
-# 50051 ext_proc gRPC, 9464 ai-lb metrics, 8001-8003 simulator (compose's vllm-sim service)
-EXPOSE 50051 9464 8001-8003
+# 50051 ext_proc gRPC, 9464 ai-lb metrics, 8001-8005 simulator (compose's vllm-sim service)
+EXPOSE 50051 9464 8001-8005
 ENTRYPOINT ["ai-lb"]
 CMD ["--help"]

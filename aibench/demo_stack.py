@@ -12,6 +12,10 @@ from typing import Any
 from . import devstack as ds
 
 MODEL = "demo-model"
+# Each simulated backend's KV cache: 1,200 blocks of 16 tokens (~19k tokens), room for about
+# three of the prefix phase's four long system prompts. Spread over every backend (round
+# robin) they evict each other; kept apart (prefix_cache) they stay cached.
+SIM_KV_BLOCKS = 1200
 
 
 def step(msg: str) -> None:
@@ -82,7 +86,8 @@ def start_stack(tmp: Path, policy: str, backends: int, time_scale: float, user_c
         step(f"starting {backends} simulated vLLM servers ({', '.join(names)}), time scale {time_scale}")
         sim = launch(st, "sim", [ds.PY, "-m", "vllmsim", "serve", "--ports", ",".join(map(str, bports)),
                                  "--names", ",".join(names), "--model", MODEL, "--time-scale", str(time_scale),
-                                 "--admin-port", "-1", "--seed", "1", "--exit-with-parent"])
+                                 "--admin-port", "-1", "--seed", "1", "--exit-with-parent",
+                                 "--num-gpu-blocks", str(SIM_KV_BLOCKS)])
         for port in bports:
             ds.wait_port(port, timeout=30, proc=sim)
 

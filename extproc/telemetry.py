@@ -26,6 +26,7 @@ class Telemetry:
         self.registry = registry or CollectorRegistry()
         self.decisions: dict[tuple[str, str, str, str], int] = {}   # route, policy, endpoint, outcome
         self.fallbacks: dict[tuple[str, str], int] = {}             # route, reason
+        self.skipped: dict[tuple[str, str], int] = {}               # route, reason (not fallbacks)
         self.requests_done: dict[tuple[str, str], int] = {}         # route, outcome
         self.inflight: dict[str, int] = {}                          # endpoint
         self.decision_seconds: dict[tuple[str, str], list] = {}     # route, policy -> [bucket counts..., sum]
@@ -64,6 +65,13 @@ class Telemetry:
         self._fb_log.warn(f, "fallback to native LB: route=%s policy=%s reason=%s%s",
                           route, policy or "-", reason, f" ({detail})" if detail else "")
 
+    def skip(self, route: str, reason: str) -> None:
+        """A request the route's policy has nothing to decide on (``no_body``: ``GET
+        /v1/models`` on a prompt-reading route). Envoy's own LB routes it, as for a
+        fallback, but it is expected traffic: no fallback count, no log line, no alert."""
+        k = (route, reason)
+        self.skipped[k] = self.skipped.get(k, 0) + 1
+
     def set_inflight(self, endpoint: str, n: int) -> None:
         self.inflight[endpoint] = n
 
@@ -84,6 +92,9 @@ class Telemetry:
     # -- reading (tests, status) ------------------------------------------------------
     def fallback_count(self, route: str, reason: str) -> int:
         return self.fallbacks.get((route, reason), 0)
+
+    def skipped_count(self, route: str, reason: str) -> int:
+        return self.skipped.get((route, reason), 0)
 
     def done_count(self, route: str, outcome: str) -> int:
         return self.requests_done.get((route, outcome), 0)
@@ -106,6 +117,12 @@ class _Collector:
         c = CounterMetricFamily("ai_lb_fallbacks", "Requests handed back to Envoy's native load balancing, by reason.",
                                 labels=["route", "reason"])
         for k, v in dict(t.fallbacks).items():
+            c.add_metric(list(k), v)
+        yield c
+        c = CounterMetricFamily("ai_lb_requests_skipped", "Requests a route's policy had nothing to decide on "
+                                "(no_body: a bodyless request on a prompt-reading route), passed to Envoy's "
+                                "native load balancing; not fallbacks.", labels=["route", "reason"])
+        for k, v in dict(t.skipped).items():
             c.add_metric(list(k), v)
         yield c
         c = CounterMetricFamily("ai_lb_requests_done", "Finished requests that ai-lb routed, by how they ended.",

@@ -25,6 +25,16 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   "$PY" -m venv .venv
 fi
+# pip only when what it installs changed: the package is installed in editable mode, so
+# code changes need no reinstall, but pyproject.toml's dependencies and entry points do.
+STAMP=.venv/.ai-lb-setup-stamp
+WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $(.venv/bin/python -c 'import sys; print(sys.version)' | head -1)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x .venv/bin/ai-lb ]; then
+  echo "== .venv is up to date (pyproject.toml unchanged); delete $STAMP to reinstall"
+  exit 0
+fi
 . .venv/bin/activate
 echo "== installing ai-lb and test dependencies into .venv"
+rm -f "$STAMP"
 pip install -q --disable-pip-version-check -e '.[test]'
+printf '%s' "$WANT" > "$STAMP"

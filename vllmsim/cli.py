@@ -48,7 +48,8 @@ def _json_arg(cls: Any) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vllmsim", description="vLLM-faithful server simulator")
+    p = argparse.ArgumentParser(prog=sys.argv[0] if sys.argv[0].startswith("ai-lb ") else "vllmsim",
+                                description="vLLM-faithful server simulator")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="start N simulated servers")

@@ -21,7 +21,7 @@ from .kvcache import KVCache, block_hashes
 from .metrics import EngineMetrics
 from .pd import DEFAULT_ABORT_TIMEOUT_S, HeldBlocks
 from .profile import Profile
-from .request import Request, Status
+from .request import Request
 from .scheduler import Scheduler
 
 # If the loop falls behind its step deadlines by more than this (wall seconds), the

@@ -129,7 +129,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         if rt.needs_body and not hm.end_of_stream:
             return ctx, rt, self.answers.passthrough("headers", _mode(rt, ctx))
         if rt.needs_body:  # bodyless request on a prompt-reading route: nothing to wait for
-            self.telemetry.fallback(ctx.route, rt.policy_name, "no_body")
+            self.telemetry.skip(ctx.route, "no_body")
             return ctx, rt, self.answers.passthrough("headers")
         return ctx, rt, await self._decide(ctx, rt, "headers", stream)
 

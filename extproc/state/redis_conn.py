@@ -12,19 +12,12 @@ import asyncio
 import logging
 import time
 from typing import Awaitable, Callable, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+
+from ..config import redact
 
 log = logging.getLogger("ai_lb.redis")
 T = TypeVar("T")
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    p = urlsplit(url)
-    if p.password is None:
-        return url
-    netloc = f"{p.username or ''}:***@{p.hostname}" + (f":{p.port}" if p.port else "")
-    return urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
+__all__ = ["Breaker", "RedisConn", "RedisUnavailable", "redact"]
 
 
 class RedisUnavailable(Exception):

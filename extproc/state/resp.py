@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import ssl
 from typing import Any, Sequence
-from urllib.parse import unquote, urlsplit
 
 import hiredis
+
+from ..config import RedisURL, parse_redis_url
 
 
 class RespError(Exception):
@@ -101,24 +103,28 @@ class Script:
 
 
 class RespClient:
-    """One lazily (re)connected connection; calls are pipelined on it."""
+    """One lazily (re)connected connection; calls are pipelined on it.
+
+    TCP (``redis://``), TLS (``rediss://``) or a unix socket (``unix://``): the URL forms
+    are ``extproc.config.store_url``'s, which ``check-config`` applies too.
+    """
 
     def __init__(self, host: str, port: int = 6379, db: int = 0, username: str | None = None,
-                 password: str | None = None, connect_timeout: float = 1.0) -> None:
+                 password: str | None = None, connect_timeout: float = 1.0, *, unix_path: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.db = host, port, db
         self.username, self.password = username, password
         self.connect_timeout = connect_timeout
+        self.unix_path = unix_path
+        self.tls = tls
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
 
     @classmethod
     def from_url(cls, url: str, connect_timeout: float = 1.0) -> "RespClient":
-        p = urlsplit(url)
-        if p.scheme not in ("redis", ""):
-            raise ValueError(f"unsupported Redis URL scheme {p.scheme!r} (redis:// only)")
-        db = int(p.path.strip("/") or 0)
-        return cls(p.hostname or "127.0.0.1", p.port or 6379, db, unquote(p.username) if p.username else None,
-                   unquote(p.password) if p.password else None, connect_timeout)
+        u = parse_redis_url(url)  # ValueError, without the password, for a URL check-config rejects
+        return cls(u.host, u.port, u.db, u.username, u.password, connect_timeout,
+                   unix_path=u.path if u.scheme == "unix" else None, tls=_tls_context(u) if u.tls else None)
 
     async def _connection(self) -> _Protocol:
         proto = self._proto
@@ -135,13 +141,25 @@ class RespClient:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.connect_timeout):
-            _, proto = await loop.create_connection(_Protocol, self.host, self.port)
-        if self.password:
-            auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
-            await proto.send(encode(auth))
-        if self.db:
-            await proto.send(encode(("SELECT", self.db)))
+        proto: _Protocol | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if self.unix_path is not None:
+                    _, proto = await loop.create_unix_connection(_Protocol, self.unix_path)
+                else:
+                    _, proto = await loop.create_connection(_Protocol, self.host, self.port, ssl=self.tls,
+                                                            server_hostname=self.host if self.tls else None)
+                if self.password:
+                    auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+                    await proto.send(encode(auth))
+                if self.db:
+                    await proto.send(encode(("SELECT", self.db)))
+        except BaseException:
+            # A failed AUTH or SELECT (or a timeout half-way) must not leave the socket open:
+            # the next call connects afresh.
+            if proto is not None and proto.transport is not None:
+                proto.transport.close()
+            raise
         self._proto = proto
         return proto
 
@@ -179,3 +197,14 @@ class RespClient:
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.close()
         self._proto = None
+
+
+def _tls_context(u: RedisURL) -> ssl.SSLContext:
+    """Verified TLS by default (system CAs, or ``ssl_ca_certs``); ``ssl_cert_reqs=none`` opts out."""
+    ctx = ssl.create_default_context(cafile=u.ssl_ca_certs)
+    if u.ssl_cert_reqs != "required":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_OPTIONAL if u.ssl_cert_reqs == "optional" else ssl.CERT_NONE
+    if u.ssl_certfile:
+        ctx.load_cert_chain(u.ssl_certfile, u.ssl_keyfile)
+    return ctx

@@ -41,6 +41,10 @@ class StateStores:
             c = self._conns[key] = RedisConn(url, timeout)
         return c
 
+    def redis_urls(self) -> list[str]:
+        """The Redis URLs the policies opened connections to (for the start-up probe)."""
+        return sorted({url for url, _ in self._conns})
+
     def counts(self, url: str, timeout: float = 0.05, lease_ttl: float = 10.0) -> GlobalCounts:
         if url == "memory":
             return self._local

@@ -50,8 +50,21 @@ def test_demo_runs_and_shows_every_phase():
     assert "rotates over all backends: yes" in out, out
     assert "fail-open: 6/6 requests succeeded" in out, out
     assert "fallbacks to native LB: none" in out, out
-    assert "ai-lb picked the endpoint for 18 " in out, out  # 12 in phase 1 + 6 after the switch
+    # 12 in phase 1, 6 after the switch, 4 groups x 3 conversations x 4 turns in phase 3
+    assert "ai-lb picked the endpoint for 66 " in out, out
     assert "logs (" in out.splitlines()[-1]
+    # Phase 3 shows why: the backends' own prefix-cache hit rate and TTFT, ai-lb against round robin.
+    rows = {}
+    for line in out.splitlines():
+        for label in ("ai-lb prefix_cache", "Envoy round robin"):
+            if line.strip().startswith(label) and "%" in line:
+                hit, p50, p90, failed = line.strip()[len(label):].replace("%", "").replace("ms", "").split()
+                rows[label] = (float(hit), float(p50), float(p90), int(failed))
+    ai, rr = rows["ai-lb prefix_cache"], rows["Envoy round robin"]
+    assert ai[3] == rr[3] == 0, out
+    assert ai[0] > rr[0], out  # a higher hit rate: the claim the exit status also checks
+    elapsed = float(out.split("==> done in ")[1].split("s:")[0])
+    assert elapsed < 45, out  # the whole demo stays short (its own clock, start-up included)
 
 
 def test_compose_envoy_config_validates():
@@ -78,6 +91,10 @@ def _localize_envoy(cfg: dict[str, Any], listen: int, admin: int, grpc: int, bac
     eps = clusters["llm_backends"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["address"] for e in eps] == ["vllm-sim"] * 3
     for e, port in zip(eps, backends):
+        e["endpoint"]["address"]["socket_address"].update(address="localhost", port_value=port)
+    for name, port in (("llm_backends_b", backends[0]), ("llm_backends_c", backends[1])):
+        (e,) = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        assert e["endpoint"]["address"]["socket_address"]["address"] == "vllm-sim"
         e["endpoint"]["address"]["socket_address"].update(address="localhost", port_value=port)
     for hc in clusters["llm_backends"]["health_checks"]:
         hc["interval"] = hc["no_traffic_interval"] = "0.5s"
@@ -127,6 +144,21 @@ def test_compose_configs_route_through_strict_dns(tmp_path):
 
 
 
+def test_compose_envoy_config_is_generated_from_the_reference():
+    """envoy-compose.yaml is envoy.yaml with addresses changed (python -m aibench.compose):
+    the committed file must be exactly what the generator makes of today's envoy.yaml."""
+    from aibench.compose import render  # noqa: PLC0415
+
+    assert ENVOY_COMPOSE.read_text() == render((REFERENCE / "envoy.yaml").read_text()), \
+        "envoy-compose.yaml is stale: run python -m aibench.compose"
+    ref, comp = (yaml.safe_load((REFERENCE / n).read_text()) for n in ("envoy.yaml", "envoy-compose.yaml"))
+    # Same routes, filters and clusters; only addresses and cluster types differ.
+    vh = lambda c: c["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]  # noqa: E731
+    assert vh(ref) == vh(comp)
+    assert [c["name"] for c in ref["static_resources"]["clusters"]] == [c["name"] for c in comp["static_resources"]["clusters"]]
+    assert "x-higress-target-cluster" in ENVOY_COMPOSE.read_text() and "/multi/" in ENVOY_COMPOSE.read_text()
+
+
 def test_compose_file_wires_the_services_together():
     """Checks by inspection what Docker would catch at `up` (there is no Docker engine here)."""
     doc = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
@@ -136,16 +168,38 @@ def test_compose_file_wires_the_services_together():
         for v in s.get("volumes", []):
             src = v.split(":")[0]
             assert (ROOT / src).exists(), f"{name}: mounts missing {src}"
+        # Every service says when it is up, and every dependency waits for a state compose knows.
+        hc = s["healthcheck"]["test"]
+        assert hc[0] in ("CMD", "CMD-SHELL") and len(hc) > 1, name
+        for dep, cond in (s.get("depends_on") or {}).items():
+            assert dep in svc and cond["condition"] in ("service_started", "service_healthy"), (name, dep)
+            if cond["condition"] == "service_healthy":
+                assert "healthcheck" in svc[dep]
+    # The image is built once, by one service; the simulator reuses it.
+    built = [n for n, s in svc.items() if "build" in s]
+    assert built == ["ai-lb"]
+    assert svc["vllm-sim"]["image"] == svc["ai-lb"]["image"] == "ai-lb:local"
     assert "./extproc/envoy/reference/envoy-compose.yaml:/etc/envoy/envoy.yaml:ro" in svc["envoy"]["volumes"]
-    assert svc["ai-lb"]["command"] == ["serve", "-c", "/etc/ai-lb/ai-lb.yaml"]
-    assert any(v.endswith(":/etc/ai-lb/ai-lb.yaml:ro") for v in svc["ai-lb"]["volumes"])
+    # ai-lb's config folder is mounted (a file mount would hide a config replaced by rename).
+    assert svc["ai-lb"]["volumes"] == ["./extproc/envoy/reference:/etc/ai-lb:ro"]
+    assert svc["ai-lb"]["command"] == ["serve", "-c", "/etc/ai-lb/ai-lb-compose.yaml"]
+    assert (REFERENCE / "ai-lb-compose.yaml").exists()
     # The simulator's command must parse with the real CLI and give the ports Envoy expects.
     from vllmsim.cli import build_parser  # noqa: PLC0415
 
     cmd = svc["vllm-sim"]["command"]
     assert cmd[0] == "sim"
     a = build_parser().parse_args(cmd[1:])
-    assert (a.command, a.port, a.num_servers, a.host) == ("serve", 8001, 3, "0.0.0.0")
+    assert (a.command, a.port, a.num_servers, a.host) == ("serve", 8001, 5, "0.0.0.0")
+    envoy_ports = sorted(e["endpoint"]["address"]["socket_address"]["port_value"]
+                         for c in yaml.safe_load(ENVOY_COMPOSE.read_text())["static_resources"]["clusters"]
+                         if c["name"].startswith("llm_backends")
+                         for e in c["load_assignment"]["endpoints"][0]["lb_endpoints"])
+    assert envoy_ports == list(range(a.port, a.port + a.num_servers))
+    # The health checks' commands exist in their images: the ai-lb image has python, Envoy's bash.
+    assert svc["envoy"]["healthcheck"]["test"][1] == "bash"
+    assert svc["ai-lb"]["healthcheck"]["test"][1] == svc["vllm-sim"]["healthcheck"]["test"][1] == "python"
     # The image's entrypoint is the console script pyproject.toml installs.
     assert 'ENTRYPOINT ["ai-lb"]' in (ROOT / "Dockerfile").read_text()
     assert 'ai-lb = "extproc.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert "COPY aibench ./aibench" in (ROOT / "Dockerfile").read_text()  # ai-lb bench runs in the image

@@ -77,7 +77,9 @@ def test_bodyless_request_passes_straight_through(gw):
     assert time.monotonic() - t0 < 5
     body = h.http_get(gw.url + "/v1/models")[1]
     assert json.loads(body)["object"] == "list"
-    assert h.metric_value(gw.metrics(), "ai_lb_fallbacks_total", route="llm", reason="no_body") >= 10
+    m = gw.metrics()
+    assert h.metric_value(m, "ai_lb_requests_skipped_total", route="llm", reason="no_body") >= 10
+    assert h.metric_value(m, "ai_lb_fallbacks_total", route="llm") == 0  # not a fallback: no alert noise
 
 
 def test_body_policy_routes_by_prompt_and_malformed_json_falls_back(gw):

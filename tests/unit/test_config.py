@@ -85,11 +85,14 @@ def test_bad_types_and_values():
         routes: {r: {lb_policy: random, enabled: "yes", endpoints: {static: ["1.2.3.4", 7]}}}
     """)
     text = "\n".join(ps)
-    assert "store: expected 'memory' or a redis:// URL, got 'mysql://x'" in text
+    assert "store: expected 'memory' or a Redis URL: unsupported scheme in 'mysql://x'" in text
     assert "log_level: unknown level 'loud'" in text
     assert "server.discovery_interval: expected a number, got 'fast'" in text
     assert "routes.r.enabled: expected true or false" in text
     assert "routes.r.endpoints.static: expected a list of strings" in text
+    # One server field's type error does not hide the others' range checks.
+    assert "server.listen: expected host:port, got 'nowhere'" in text
+    assert "server.max_body_bytes: must be > 0" in text
 
 
 def test_bad_listen_and_endpoint_addresses():
@@ -109,7 +112,9 @@ def test_endpoints_required_and_cluster_needs_admin():
 
 def test_route_name_that_yaml_reads_as_a_boolean():
     (p,) = problems("routes: {off: {lb_policy: random, endpoints: {static: ['1.2.3.4:1']}}}")
-    assert p == "routes.False: route names must be strings; quote it: 'False'"
+    assert p == "routes.off: YAML reads `off` as a boolean; quote the name, e.g. 'off'"
+    (p,) = problems("routes: {1: {lb_policy: random, endpoints: {static: ['1.2.3.4:1']}}}")
+    assert p == "routes.1: YAML reads `1` as a number; quote the name, e.g. '1'"
 
 
 def test_invalid_yaml_and_wrong_shapes():
@@ -122,7 +127,7 @@ def test_invalid_yaml_and_wrong_shapes():
 
 
 def test_plugin_import_error_and_plugin_policy():
-    (p,) = problems("plugins: [no.such.module]\nroutes: {}")
+    (p,) = problems("plugins: [no.such.module]\nroutes: {r: {lb_policy: random, endpoints: {static: ['1.2.3.4:1']}}}")
     assert p.startswith("plugins[0]: cannot import 'no.such.module'")
     c = parse_config("plugins: [plugins.model_pin]\nroutes: {r: {lb_policy: test_model_pin, lb_config: {salt: x}, endpoints: {static: ['1.2.3.4:1']}}}")
     assert c.routes["r"].lb_policy == "test_model_pin"
@@ -222,3 +227,99 @@ def test_json_logs_are_one_object_per_line(capsys):
     assert first["message"] == 'route llm: quote " and\nnewline' and first["level"] == "warning"
     assert first["logger"] == "ai_lb.test" and first["time"].endswith("Z")
     assert second["message"] == "failed" and "ValueError: boom" in second["exception"]
+
+
+# -- hardening: secrets, empty files, strict YAML, store URLs ----------------------------
+ONE_ROUTE = "routes: {r: {lb_policy: random, endpoints: {static: ['1.2.3.4:1']}}}\n"
+
+
+def test_yaml_errors_give_position_and_problem_not_the_line():
+    (p,) = problems("store: redis://:hunter2@db:6379/0\nroutes: {r: {lb_policy: [unclosed\n")
+    assert "hunter2" not in p and "<unicode string>" not in p
+    assert p.startswith("line 3, column 1: invalid YAML: ")
+    (p,) = problems("routes:\n  r: {lb_policy: random}\n   store: redis://:hunter2@x\n")
+    assert "hunter2" not in p and p.startswith("line 3, column ")
+
+
+def test_binary_and_nul_files_are_described_not_dumped():
+    with pytest.raises(ConfigError) as ei:
+        parse_config(b"\x89PNG\r\n\x1a\n\x00\x00secret")
+    (p,) = ei.value.problems
+    assert p.startswith("not a UTF-8 text file (byte 0x89 at offset 0)") and "PNG" not in p
+    (p,) = problems("routes: {}\x00\x01 password")
+    assert "unacceptable character #x0000" in p and "password" not in p
+
+
+def test_empty_file_and_no_routes_are_errors():
+    for text in ("", "\n\n# only a comment\n"):
+        (p,) = problems(text)
+        assert p.startswith("(top level): the config is empty")
+    for text in ("routes: {}", "server: {}", "routes:\n"):
+        (p,) = problems(text)
+        assert p.startswith("routes: no routes: every request would fall back")
+
+
+def test_duplicate_keys_are_rejected_at_any_depth():
+    (p,) = problems("routes: {r: {lb_policy: random, endpoints: {static: ['1.2.3.4:1']}}}\n"
+                    "routes: {s: {lb_policy: random, endpoints: {static: ['1.2.3.4:1']}}}\n")
+    assert p == "line 2, column 1: invalid YAML: duplicate key 'routes' (first given on line 1)"
+    (p,) = problems("routes:\n  r:\n    lb_policy: random\n    lb_policy: round_robin\n"
+                    "    endpoints: {static: ['1.2.3.4:1']}\n")
+    assert p.startswith("line 4, column 5: invalid YAML: duplicate key 'lb_policy'")
+    # YAML merge keys are not duplicates: an explicit key overrides a merged one.
+    c = parse_config("routes:\n  a: &base {lb_policy: random, endpoints: {static: ['1.2.3.4:1']}}\n"
+                     "  b: {<<: *base, lb_policy: round_robin}\n")
+    assert c.routes["b"].lb_policy == "round_robin" and c.routes["b"].endpoints.static == ("1.2.3.4:1",)
+
+
+def test_missing_lb_config_field_does_not_hide_range_errors():
+    ps = problems("routes: {m: {lb_type: cluster, lb_policy: cluster_metrics, "
+                  "lb_config: {service_list: [a], rate_limit: 5, queue_size: 0}}}")
+    assert "routes.m.lb_config.mode: required" in ps
+    assert any(p.startswith("routes.m.lb_config.rate_limit: must be in (0, 1]") for p in ps)
+    assert any(p.startswith("routes.m.lb_config.queue_size:") for p in ps)
+    assert not any("service_list" in p for p in ps)
+
+
+@pytest.mark.parametrize("url,msg", [
+    ("redis://host:notaport/x", "the port is not a number"),
+    ("redis://db:99999/0", "the port is not a number"),
+    ("redis://", "no host"),
+    ("redis://:s3cret@/0", "no host"),
+    ("rediss://:s3cret@", "no host"),
+    ("redis://db:6379/x", "the database must be a number"),
+    ("unix://", "no socket path"),
+    ("unix:///tmp/r.sock?db=one", "the database must be a number"),
+    ("redis://db/0?ssl_ca_certs=/x", "unknown parameter(s) ssl_ca_certs"),
+    ("rediss://db/0?ssl_ca_certs=/no/such/ca.pem", "ssl_ca_certs: no such file"),
+    ("rediss://db/0?ssl_cert_reqs=maybe", "ssl_cert_reqs must be one of"),
+    ("http://db:6379", "unsupported scheme"),
+])
+def test_store_urls_are_checked_without_echoing_the_password(url, msg):
+    (p,) = problems(f"store: '{url}'\n" + ONE_ROUTE)
+    assert p.startswith("store: expected 'memory' or a Redis URL") and msg in p, p
+    assert "s3cret" not in p
+
+
+def test_store_url_forms_that_serve_can_use(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    for url in ("redis://db", "redis://u:p@db:6380/2", "rediss://:p@db:6380/1", f"rediss://db?ssl_ca_certs={ca}",
+                "unix:///run/redis.sock", "unix://:p@/run/redis.sock?db=3"):
+        assert parse_config(f"store: '{url}'\n" + ONE_ROUTE).store == url
+
+
+def test_check_config_output_never_shows_the_password(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("store: redis://:hunter2@db:notaport/0\n" + ONE_ROUTE)
+    r = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(f)], capture_output=True, text=True)
+    assert r.returncode == 2 and "hunter2" not in r.stderr + r.stdout
+    assert f"{f}: store: expected 'memory' or a Redis URL: 'redis://:***@db:notaport/0': the port" in r.stderr
+    f.write_text("store: redis://:hunter2@db/0\nroutes: {r: {lb_policy: random, endpoints: [\n")
+    r = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(f)], capture_output=True, text=True)
+    assert r.returncode == 2 and "hunter2" not in r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"{f}: line 3, column 1: invalid YAML") and line.count(str(f)) == 1, line
+    f.write_text("")
+    r = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(f)], capture_output=True, text=True)
+    assert r.returncode == 2 and "the config is empty" in r.stderr

@@ -192,6 +192,28 @@ async def test_unusable_body_falls_back_with_reason(body, eos, reason):
     assert infl.snapshot() == {}
 
 
+DEEP = b'{"model": "m", "messages": ' + b"[" * 20000 + b"]" * 20000 + b"}"
+DEEP_CONTENT = (b'{"model": "m", "messages": [{"role": "user", "content": ' + b"[" * 900 + b"]" * 900 + b"}]}")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("body", [
+    DEEP,                     # RecursionError in json.loads: was counted as policy_error
+    DEEP_CONTENT,             # parses, but code walking it recursively (json.dumps) would overflow
+    b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',  # a lone surrogate
+    b'{"model": "m", "max_tokens": NaN, "messages": []}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+])
+async def test_deep_or_invalid_json_is_malformed_json_not_policy_error(body):
+    p, rt, infl, tel = await make("prefix_cache")
+    s = Stream([headers_msg("llm"), body_msg(body)])
+    await p.Process(None, s)
+    assert dest(s.out[1]) == (None, None, [DEST_HEADER])
+    assert fallbacks(tel, "llm", "malformed_json") == 1, tel.fallbacks
+    assert fallbacks(tel, "llm", "policy_error") == 0
+    assert infl.snapshot() == {}
+
+
 @pytest.mark.asyncio
 async def test_bodyless_request_on_body_route_passes_at_once():
     p, rt, infl, tel = await make()
@@ -199,7 +221,9 @@ async def test_bodyless_request_on_body_route_passes_at_once():
     await p.Process(None, s)
     (resp,) = s.out
     assert not resp.HasField("mode_override")  # no body requested: nothing to wait for
-    assert fallbacks(tel, "body", "no_body") == 1
+    assert fallbacks(tel, "body", "no_body") == 0  # expected traffic, not alert noise
+    assert tel.fallbacks == {}
+    assert tel.skipped_count("body", "no_body") == 1
 
 
 @pytest.mark.asyncio

@@ -14,22 +14,23 @@ classes come from a ``PolicyCatalog`` the caller passes in (``extproc.policies.r
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Protocol
 
-import yaml
+from .fields import Validator as _Validator
+from .fields import tname as _tname
+from .store_url import RedisURL, parse_redis_url, redact
+from .yaml_text import ImplicitKey, YamlProblem, describe_key, load_yaml
 
-from .config_sources import EndpointsConfig, KubernetesEndpoints, TlsConfig, parse_endpoints, parse_tls  # noqa: F401
-from .config_sources import valid_hostport as _valid_hostport
+from .sources import EndpointsConfig, KubernetesEndpoints, TlsConfig, parse_endpoints, parse_tls  # noqa: F401
+from .sources import valid_hostport as _valid_hostport
 
 BODY_MODES = ("buffered_partial", "buffered")  # what ai-lb asks Envoy for (mode_override) when a policy reads the body
 LB_TYPES = ("endpoint", "cluster")
-_SECRET_WORDS = ("password", "secret", "token")  # never echo these values in error messages
+__all__ = ["LB_TYPES", "Config", "ConfigError", "EndpointsConfig", "PolicyCatalog", "RedisURL", "RouteConfig",
+           "ServerConfig", "build_config", "load_config", "parse_config", "parse_redis_url", "policy_config", "redact"]
 
 
 class ConfigError(Exception):
@@ -170,19 +171,21 @@ def load_config(path: str | Path, catalog: PolicyCatalog) -> Config:
     """Read and validate a config file; raises ConfigError listing every problem."""
     p = Path(path)
     try:
-        text = p.read_text()
+        data = p.read_bytes()
     except OSError as e:
-        raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
-    return parse_config(text, catalog, source=str(p))
+        raise ConfigError([f"cannot read: {e.strerror}"]) from None
+    return parse_config(data, catalog, source=str(p))
 
 
-def parse_config(text: str, catalog: PolicyCatalog, source: str | None = None) -> Config:
+def parse_config(text: str | bytes, catalog: PolicyCatalog, source: str | None = None) -> Config:
+    """Problems name no file (the caller prefixes it) and quote no line of the text."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{source or 'config'}: invalid YAML: {e}"]) from None
+        raw = load_yaml(text)
+    except YamlProblem as e:
+        raise ConfigError([str(e)]) from None
     if raw is None:
-        raw = {}
+        raise ConfigError(["(top level): the config is empty (a truncated or half-written file?); "
+                           "it needs at least one route under 'routes'"])
     return build_config(raw, catalog, source=source)
 
 
@@ -205,27 +208,34 @@ def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) ->
     if isinstance(raw_server, Mapping) and "tls" in raw_server:
         raw_server = dict(raw_server)
         tls = parse_tls(v, "server.tls", raw_server.pop("tls"))
-    server = v.dataclass_from("server", raw_server, ServerConfig)
+    # A type error in one server field must not hide the range checks of the others.
+    server, bad_server = v.dataclass_partial("server", raw_server, ServerConfig)
     if server is not None:
         server = dataclasses.replace(server, tls=tls)
-        for fname in ("listen", "metrics_listen", "health_listen"):
+        for fname in {"listen", "metrics_listen", "health_listen"} - bad_server:
             addr = getattr(server, fname)
             if addr is not None and not _valid_hostport(addr, allow_port_zero=True):
                 v.err(f"server.{fname}", f"expected host:port, got {addr!r}")
-        if server.fallback_endpoints < 0:
+        if "fallback_endpoints" not in bad_server and server.fallback_endpoints < 0:
             v.err("server.fallback_endpoints", "must be >= 0")
-        if server.kubernetes_resync <= 0:
+        if "kubernetes_resync" not in bad_server and server.kubernetes_resync <= 0:
             v.err("server.kubernetes_resync", "must be > 0")
-        if server.envoy_admin is not None and not server.envoy_admin.startswith(("http://", "https://")):
+        if "envoy_admin" not in bad_server and server.envoy_admin is not None and not server.envoy_admin.startswith(("http://", "https://")):
             v.err("server.envoy_admin", f"expected an http:// URL, got {server.envoy_admin!r}")
-        if server.discovery_interval <= 0:
-            v.err("server.discovery_interval", "must be > 0")
-        if server.max_body_bytes <= 0:
-            v.err("server.max_body_bytes", "must be > 0")
+        for fname in ("discovery_interval", "max_body_bytes", "reload_interval"):
+            if fname not in bad_server and getattr(server, fname) <= 0:
+                v.err(f"server.{fname}", "must be > 0")
+        if "fallback_log_interval" not in bad_server and server.fallback_log_interval < 0:
+            v.err("server.fallback_log_interval", "must be >= 0")
 
     store = raw.get("store", "memory")
-    if not isinstance(store, str) or not (store == "memory" or store.startswith(("redis://", "rediss://", "unix://"))):
-        v.err("store", f"expected 'memory' or a redis:// URL, got {store!r}")
+    if not isinstance(store, str):
+        v.err("store", f"expected 'memory' or a Redis URL (redis://, rediss://, unix://), got {_tname(store)}")
+    elif store != "memory":
+        try:
+            parse_redis_url(store)
+        except ValueError as e:
+            v.err("store", f"expected 'memory' or a Redis URL: {e}")
 
     log_level = raw.get("log_level", "info")
     if log_level not in ("debug", "info", "warning", "error"):
@@ -242,13 +252,19 @@ def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) ->
         v.err("routes", f"expected a mapping of route name to policy, got {_tname(raw_routes)}")
         raw_routes = {}
     for name, rr in raw_routes.items():
-        if not isinstance(name, str):  # `off:` or `1:` in YAML is a bool or int, not a name
-            v.err(f"routes.{name}", f"route names must be strings; quote it: '{name}'")
+        if isinstance(name, ImplicitKey):  # `off:` or `1:` in YAML is a bool or int, not a name
+            v.err(f"routes.{name}", describe_key(name))
+            continue
+        if not isinstance(name, str):
+            v.err(f"routes.{name}", f"route names must be strings, got {_tname(name)}")
             continue
         r = _route(v, f"routes.{name}", str(name), rr, server, catalog)
         if r is not None:
             routes[str(name)] = r
 
+    if not raw_routes:
+        v.err("routes", "no routes: every request would fall back to Envoy's native load balancing "
+                        "(unknown_route); give at least one route (Envoy's route name, or \"*\")")
     if v.problems:
         raise ConfigError(v.problems)
     assert server is not None
@@ -281,10 +297,9 @@ def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig 
         v.err(f"{path}.lb_config", f"expected a mapping, got {_tname(lb_config)}")
         lb_config = {}
     elif policy is not None and lb_type in LB_TYPES and policy in catalog.names(lb_type):
-        parsed = v.dataclass_from(f"{path}.lb_config", lb_config, catalog.config_class(policy))
-        if parsed is not None:
-            for sub, msg in parsed.validate():  # every policy config has cross-field checks
-                v.err(f"{path}.lb_config.{sub}", msg)
+        # A missing or mistyped field must not hide the range checks of the others.
+        parsed, bad = v.dataclass_partial(f"{path}.lb_config", lb_config, catalog.config_class(policy))
+        v.validate_partial(f"{path}.lb_config", parsed, bad)  # every policy config has cross-field checks
     enabled = rr.get("enabled", True)
     if not isinstance(enabled, bool):
         v.err(f"{path}.enabled", f"expected true or false, got {enabled!r}")
@@ -322,172 +337,3 @@ def policy_config(cls: type, raw: Mapping[str, Any]) -> Any:
     return parsed
 
 
-def _tname(x: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "nothing"}.get(type(x), type(x).__name__)
-
-
-class _Validator:
-    """Accumulates problems; converts plain mappings into typed dataclasses."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def err(self, path: str, msg: str) -> None:
-        self.problems.append(f"{path or '(top level)'}: {msg}")
-
-    def unknown_keys(self, path: str, m: Mapping, allowed: set[str]) -> None:
-        for k in m:
-            if k not in allowed:
-                self.err(f"{path}.{k}" if path else str(k),
-                         f"unknown field; allowed: {', '.join(sorted(allowed))}" if allowed else "unknown field; this takes no fields")
-
-    def str_list(self, path: str, x: Any) -> list[str]:
-        if x is None:
-            return []
-        if not isinstance(x, list) or not all(isinstance(i, str) for i in x):
-            self.err(path, f"expected a list of strings, got {_tname(x)}")
-            return []
-        return x
-
-    def dataclass_from(self, path: str, raw: Any, cls: type) -> Any:
-        """Build ``cls`` from ``raw``, checking field names and scalar types.
-
-        Ints are accepted where floats are expected; numeric strings are accepted for
-        numbers because Higress documents ``rate_limit`` as a string.
-        """
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            self.err(path, f"expected a mapping, got {_tname(raw)}")
-            return None
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        n0 = len(self.problems)
-        # FastDeploy spells its keys with dashes (waiting-weight): the same field.
-        named = {}
-        for k in raw:
-            f = k.replace("-", "_") if isinstance(k, str) and k not in fields else k
-            if f in named:
-                self.err(f"{path}.{k}", f"given twice (as {named[f]!r} and {k!r})")
-                continue
-            named[f] = k
-        for f_name, k in named.items():
-            if f_name not in fields:
-                self.err(f"{path}.{k}", f"unknown field; allowed: {', '.join(sorted(fields))}" if fields
-                         else "unknown field; this takes no fields")
-        kwargs = {}
-        for f_name, k in named.items():
-            if f_name not in fields:
-                continue
-            val, tp = raw[k], hints[f_name]
-            if dataclasses.is_dataclass(tp):  # a nested block (e.g. queue.saturation)
-                sub = self.dataclass_from(f"{path}.{k}", val, tp)
-                if sub is not None:
-                    kwargs[f_name] = sub
-                continue
-            hook = _hook(tp)
-            if hook is not None and val is None and type(None) in typing.get_args(tp):
-                kwargs[f_name] = None
-                continue
-            if hook is not None:  # a nested structure that validates itself (plugin lists)
-                conv = hook(self, f"{path}.{k}", val)
-                if conv is not None:
-                    kwargs[f_name] = conv
-                continue
-            ok, conv = _coerce(val, tp)
-            if not ok:
-                shown = "<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else repr(val)
-                self.err(f"{path}.{k}", f"expected {_describe(tp)}, got {shown}")
-            else:
-                kwargs[f_name] = conv
-        for name, f in fields.items():
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in named:
-                self.err(f"{path}.{name}", "required")
-        if len(self.problems) > n0:
-            return None
-        return cls(**kwargs)
-
-
-def _hook(tp: Any) -> Any:
-    """A type's own parser (``__config_parse__(validator, path, raw)``), also inside ``X | None``."""
-    hook = getattr(tp, "__config_parse__", None)
-    if hook is None and typing.get_origin(tp) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            hook = hook or getattr(arg, "__config_parse__", None)
-    return hook
-
-
-def _coerce(val: Any, tp: Any) -> tuple[bool, Any]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, conv = _coerce(val, arg)
-            if ok:
-                return True, conv
-        return False, None
-    if origin is typing.Literal:
-        return (val in typing.get_args(tp)), val
-    if tp is type(None):
-        return val is None, None
-    if tp is bool:
-        return isinstance(val, bool), val
-    if tp is int:
-        if isinstance(val, bool):
-            return False, None
-        if isinstance(val, int):
-            return True, val
-        if isinstance(val, str) and val.strip().lstrip("-").isdigit():
-            return True, int(val)
-        return False, None
-    if tp is float:
-        if isinstance(val, bool):
-            return False, None
-        if isinstance(val, (int, float)):
-            return True, float(val)
-        if isinstance(val, str):
-            try:
-                return True, float(val)
-            except ValueError:
-                return False, None
-        return False, None
-    if tp is str:
-        return isinstance(val, str), val
-    if origin in (dict, Mapping, collections.abc.Mapping):
-        kt, vt = typing.get_args(tp) or (Any, Any)
-        if not isinstance(val, Mapping):
-            return False, None
-        out_d = {}
-        for k, x in val.items():
-            ok_k, ck = _coerce(k, kt)
-            ok_v, cv = _coerce(x, vt)
-            if not (ok_k and ok_v):
-                return False, None
-            out_d[ck] = cv
-        return True, out_d
-    if origin in (tuple, list):
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        if not isinstance(val, list):
-            return False, None
-        out = []
-        for item in val:
-            ok, conv = _coerce(item, inner)
-            if not ok:
-                return False, None
-            out.append(conv)
-        return True, tuple(out)
-    if tp is Any:
-        return True, val
-    return isinstance(val, tp), val
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if origin in (tuple, list):
-        return "a list"
-    if origin in (dict, Mapping, collections.abc.Mapping):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
