@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
 import time
@@ -26,9 +27,13 @@ AI_LB_CONFIG = {"endpoint_metrics": {"metric_policy": "default"}}
 # Simulator flags a workload needs whatever the user passes: instant backends for the
 # gateway-overhead workload, a long context window (Llama-3.1's 128k) for 200 KB prompts.
 WORKLOAD_SIM_ARGS = {"overhead": ["--time-scale", "0.001"], "long-prompt": ["--max-model-len", "131072"]}
+# Policies that read the engines' KV-cache events: their backends publish them (vLLM's
+# --kv-events-config, connecting out to ai-lb, with a replay endpoint) and the route is
+# told where each backend's events arrive and which tokenizer the model uses.
+KV_EVENTS_POLICIES = ("precise_prefix_cache",)
 
 
-def make_system(spec: str, store: str):
+def make_system(spec: str, store: str, lb_extra: dict | None = None):
     from . import systems
 
     if spec == "envoy-rr":
@@ -37,7 +42,7 @@ def make_system(spec: str, store: str):
         return systems.EnvoyNative("least_request")
     if spec.startswith("ai-lb:"):
         pol = spec.split(":", 1)[1]
-        return systems.EnvoyAiLb(pol, AI_LB_CONFIG.get(pol, {}), store=store)
+        return systems.EnvoyAiLb(pol, {**AI_LB_CONFIG.get(pol, {}), **(lb_extra or {})}, store=store)
     if spec == "sglang-router":
         return systems.SglangRouter()
     if spec == "vllm-router":
@@ -57,13 +62,32 @@ class SimBackends:
         self.workdir = workdir
         self.args = args
         self.proc = None
+        self.kv_base = self.replay_base = 0
 
-    def start(self) -> Backends:
-        from .devstack import start_sim
+    def start(self, kv_events: bool = False) -> Backends:
+        from .devstack import free_port_range, start_sim
 
+        extra: list[str] = []
+        if kv_events:   # server i connects out to kv_base + i and binds its replay ROUTER on replay_base + i
+            n = len(self.ports)
+            self.kv_base = free_port_range(n, avoid=self.ports)
+            self.replay_base = free_port_range(n, avoid=[*self.ports, *range(self.kv_base, self.kv_base + n)])
+            extra = ["--kv-events-config", json.dumps({
+                "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{self.kv_base}",
+                "replay_endpoint": f"tcp://127.0.0.1:{self.replay_base}", "topic": "kv@{host}:{port}"})]
         self.proc = start_sim(self.workdir, self.ports, "--model", "sim-model", "--admin-port", "-1", *self.args,
-                              name="sim")
+                              *extra, name="sim")
         return Backends([f"127.0.0.1:{p}" for p in self.ports], "sim-model", pids={"sim": self.proc.p.pid})
+
+    def kv_lb_config(self) -> dict:
+        """The precise route's lb_config for these backends: ai-lb binds each one's port."""
+        import vllmsim
+
+        addrs = [f"127.0.0.1:{p}" for p in self.ports]
+        return {"tokenizer": str(vllmsim.MODEL_DIR), "kv_events": {
+            "endpoint": "tcp://127.0.0.1:{port}", "bind": True,
+            "endpoints": {a: f"tcp://127.0.0.1:{self.kv_base + i}" for i, a in enumerate(addrs)},
+            "replay_endpoints": {a: f"tcp://127.0.0.1:{self.replay_base + i}" for i, a in enumerate(addrs)}}}
 
     def stop(self) -> None:
         if self.proc:
@@ -127,10 +151,12 @@ def run_one(spec: str, load: float | None, rate_conv: float, args, sim: SimBacke
     w = workloads.make(args.workload, args.seed, args.duration, rate_conv)
     entry = {"system": spec, "load": load, "offered_rps": rate_conv * (w.requests / max(len(w.conversations), 1)),
              "planned_requests": w.requests, "status": "ok"}
-    backends = user_backends or sim.start()
+    events = spec.startswith("ai-lb:") and spec.split(":", 1)[1] in KV_EVENTS_POLICIES
+    backends = user_backends or sim.start(kv_events=events)
     system = None
     try:
-        system = make_system(spec, store)
+        system = make_system(spec, store, sim.kv_lb_config() if events and sim is not None and user_backends is None
+                             else None)
         url = system.start(backends, out / "logs" / spec.replace(":", "-") / f"load{load if load is not None else rate_conv}")
         h0, q0 = asyncio.run(prefix_counters(backends.addresses))
         prog = loadgen.Progress(w.requests)

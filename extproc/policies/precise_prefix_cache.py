@@ -19,7 +19,7 @@ block-level match (what ai-lb sent there), counted in ``fallback:<reason>`` even
     kv_events: {endpoint: "tcp://{host}:5557", replay_endpoint: "tcp://{host}:5558"}
     block_size: 0                          # 0: the engine's (events, cache_config_info)
     prefix_weight: 3, queue_weight: 2, kv_cache_weight: 2
-    pending_ttl: 5.0, lora_adapters: [], content_format: auto
+    pending: true, lora_adapters: [], content_format: auto
     # + scrape settings, max_candidates, observe_errors
 
 See docs/policies/precise_prefix.md.
@@ -45,7 +45,7 @@ class PrecisePrefixCacheConfig(MetricsAwareConfig):
     prefix_weight: float = 3.0
     queue_weight: float = 2.0
     kv_cache_weight: float = 2.0
-    pending_ttl: float = 5.0
+    pending: bool = True                # requests in flight count where they went
     max_blocks: int = 500_000           # the approximate (fallback) index
     cache_tokens: int = 2_000_000       # tokenizations kept for reuse, in tokens
 
@@ -54,7 +54,7 @@ class PrecisePrefixCacheConfig(MetricsAwareConfig):
 
         return PrecisePrefixConfig(tokenizer=self.tokenizer, kv_events=self.kv_events, block_size=self.block_size,
                                    content_format=self.content_format, lora_adapters=self.lora_adapters,
-                                   pending_ttl=self.pending_ttl, max_blocks=self.max_blocks,
+                                   pending=self.pending, max_blocks=self.max_blocks,
                                    cache_tokens=self.cache_tokens)
 
     def validate(self) -> list[tuple[str, str]]:

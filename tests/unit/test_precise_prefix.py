@@ -154,7 +154,7 @@ def decide(p, doc: dict):
 
 
 def test_routes_to_the_endpoint_whose_events_show_the_prefix_and_follows_evictions():
-    p = policy({"pending_ttl": 0})
+    p = policy({"pending": False})
     doc = chat("a shared document " * 60 + "first question")
     ids = tokenize(render_chat(doc["messages"]))
     for i, a in enumerate(A):
@@ -170,7 +170,7 @@ def test_routes_to_the_endpoint_whose_events_show_the_prefix_and_follows_evictio
 
 
 def test_endpoints_without_events_fall_back_to_the_approximate_match_and_it_is_counted():
-    p = policy({"pending_ttl": 0})
+    p = policy({"pending": False})
     doc = chat("a long system prompt " * 60 + "q")
     first = decide(p, doc)                  # nobody has events: approximate, which learns this pick
     assert p.stats["fallback:disconnected"] >= 3 and p.stats["fallback_pick"] == 1   # no engine ever connected
@@ -179,7 +179,7 @@ def test_endpoints_without_events_fall_back_to_the_approximate_match_and_it_is_c
 
 
 def test_lora_requests_match_only_their_adapters_blocks():
-    p = policy({"pending_ttl": 0})
+    p = policy({"pending": False})
     base, lora = chat("context " * 80 + "x"), chat("context " * 80 + "x", model="sql-lora")
     ids = tokenize(render_chat(base["messages"]))
     for a in A:
@@ -195,7 +195,16 @@ def test_a_burst_sharing_a_new_prefix_stays_together_until_the_events_arrive():
     for a in A:
         feed(p, a, 0)
     doc = chat("brand new prefix " * 60 + "?")
-    assert len({decide(p, doc) for _ in range(6)}) == 1     # pending picks count before BlockStored
+    ctxs = []
+    for _ in range(6):                                      # six at once: none has finished
+        ctx = RequestContext("r", {})
+        ctx.body = json.dumps(doc).encode()
+        asyncio.run(route(p, ctx, EPS))
+        ctxs.append(ctx)
+    assert len({c.endpoint.address for c in ctxs}) == 1     # in-flight prompts count before BlockStored
+    for c in ctxs:
+        done(p, c, 200)
+    assert not p.precise.pending                           # ended: only the events tell from now on
 
 
 def test_config_is_validated_with_field_paths():

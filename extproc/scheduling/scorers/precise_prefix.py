@@ -9,9 +9,12 @@ tokens / prompt tokens.
 
 Two complements:
 
-* **pending**: a prefix sent somewhere in the last ``pending_ttl`` seconds is counted
-  there (``max`` with the events' match) until the engine's own ``BlockStored`` can
-  arrive, so a burst sharing a new prefix does not spread it over every endpoint;
+* **in flight**: the prompt of a request routed to an endpoint and not finished yet
+  counts there (``max`` with the events' match), as assumed load does for the queue:
+  its blocks are being computed and its ``BlockStored`` has not arrived. So a burst
+  sharing a new prefix does not spread it over every endpoint; once the request ends,
+  the events alone say what stayed cached (block-level keys of the prompt text, as the
+  ``prefix`` scorer's; ``pending: false`` switches it off);
 * **fallback**: an endpoint whose events are missing or stale (never heard, socket
   down, a replay or rebuild running, silent through requests that must have stored
   blocks) is scored by the approximate block-level ``prefix`` match (what ai-lb sent
@@ -22,13 +25,12 @@ Parameters: ``tokenizer`` (a model directory with ``tokenizer.json`` and
 ``tokenizer_config.json``), ``kv_events`` (where each backend's events come from,
 ``signals.kv_events.spec``), ``block_size`` (0: the events' own, else
 ``vllm:cache_config_info``, else 16), ``content_format``, ``lora_adapters`` (model names
-that are LoRA adapters; names seen in events count too), ``pending_ttl`` (5 s),
+that are LoRA adapters; names seen in events count too), ``pending`` (true),
 ``block_bytes``/``max_blocks``/``ttl`` of the approximate index.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -36,7 +38,6 @@ from typing import Literal, Sequence
 from ...core import BodyError
 from ...signals.kv_events import KvEventsHub, KvEventsSpec
 from ...signals.prompt_tokens import PromptTokenizer, TokenizeError
-from ...state.block_index import BlockIndex
 from ...state.kv_block_index import chain_keys
 from ..framework import Candidate, Scorer, Snapshot
 from .prefix import Prefix, PrefixConfig
@@ -51,7 +52,7 @@ class PrecisePrefixConfig:
     block_size: int = 0
     content_format: Literal["auto", "string", "openai"] = "auto"
     lora_adapters: tuple[str, ...] = ()
-    pending_ttl: float = 5.0
+    pending: bool = True
     block_bytes: int = 64
     max_blocks: int = 500_000
     ttl: float = 1800.0
@@ -65,8 +66,6 @@ class PrecisePrefixConfig:
             p.append(("tokenizer", f"no tokenizer.json in {self.tokenizer!r}"))
         if self.block_size and not 1 <= self.block_size <= 4096:
             p.append(("block_size", "must be 0 (from the engine) or 1..4096 tokens"))
-        if self.pending_ttl < 0:
-            p.append(("pending_ttl", "must be >= 0 seconds"))
         if self.cache_tokens < 0:
             p.append(("cache_tokens", "must be >= 0"))
         p += [(f, m) for f, m in PrefixConfig(self.block_bytes, self.max_blocks, self.ttl).validate()]
@@ -100,8 +99,7 @@ class PrecisePrefix(Scorer):
         super().__init__(config or PrecisePrefixConfig(), weight)
         c = self.config
         self.fallback = Prefix(PrefixConfig(c.block_bytes, c.max_blocks, c.ttl))
-        self.pending = BlockIndex(c.max_blocks, c.pending_ttl) if c.pending_ttl > 0 else None
-        self._next_sweep = 0.0
+        self.pending: dict[str, dict[int, int]] | None = {} if c.pending else None   # address -> key -> requests
         self.hub: KvEventsHub | None = None
         self.tokenizer: PromptTokenizer | None = None
         self.counts: dict[str, int] = {}     # picks: precise_hit, precise_miss, fallback_pick
@@ -185,8 +183,18 @@ class PrecisePrefix(Scorer):
         return out
 
     def _pending(self, snap: Snapshot, address: str) -> float:
-        pm = self.fallback.match(snap)
-        return self.pending.depth(pm.keys, address) / pm.total if pm.total else 0.0
+        held = self.pending.get(address)
+        if not held:
+            return 0.0
+        keys = self.fallback.match(snap).keys
+        lo, hi = 0, len(keys)             # an in-flight prompt adds all its chain keys: prefix-closed
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(keys[mid]) in held:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo / len(keys) if len(keys) else 0.0
 
     def prefer(self, snap: Snapshot, k: int) -> Sequence[str]:
         m = self.match(snap)
@@ -202,26 +210,36 @@ class PrecisePrefix(Scorer):
     def picked(self, snap: Snapshot, chosen: Candidate) -> None:
         self.fallback.picked(snap, chosen)
         r, why = self.cached(snap, chosen)
-        if self.pending is not None:
-            pm = self.fallback.match(snap)
-            if pm.total:
-                try:
-                    asyncio.get_running_loop().call_soon(self.pending.record, pm.keys, chosen.address)
-                except RuntimeError:  # no loop (tools, tests): record now
-                    self.pending.record(pm.keys, chosen.address)
-            if snap.now >= self._next_sweep:
-                self._next_sweep = snap.now + 1.0
-                self.pending.expire()
         k = "precise_hit" if r else "precise_miss" if r is not None else "fallback_pick"
         self.counts[k] = self.counts.get(k, 0) + 1
         m = self.match(snap)
         notes = snap.ctx.policy_state
+        if not isinstance(notes, dict):
+            return
         bs = self.config.block_size or DEFAULT_BLOCK_SIZE
-        if isinstance(notes, dict) and m.error is None and (r is None or m.n - r * m.n >= bs + 1):
+        if m.error is None and (r is None or m.n - r * m.n >= bs + 1):
             notes["precise"] = (chosen.address, snap.now)   # blocks to store: an event must follow
+        if self.pending is not None:
+            keys = self.fallback.match(snap).keys.tolist()
+            if keys:
+                held = self.pending.setdefault(chosen.address, {})
+                for k in keys:
+                    held[k] = held.get(k, 0) + 1
+                notes["pending"] = (chosen.address, keys)
 
     def done(self, ctx) -> None:
         notes = ctx.policy_state
+        inflight = notes.pop("pending", None) if isinstance(notes, dict) else None
+        if inflight is not None and self.pending is not None:
+            held = self.pending.get(inflight[0], {})
+            for k in inflight[1]:
+                n = held.get(k, 0) - 1
+                if n > 0:
+                    held[k] = n
+                else:
+                    held.pop(k, None)
+            if not held:
+                self.pending.pop(inflight[0], None)
         noted = notes.pop("precise", None) if isinstance(notes, dict) else None
         if noted is None or ctx.outcome not in ("complete", "unobserved") or self.hub is None:
             return
