@@ -294,3 +294,29 @@ def test_the_captured_stream_applied_in_order():
     m = split_frames(msgs[3][0])
     st.on_message(m.seq, m.payload)
     assert len(idx.get("a")) == 0 and st.counts["cleared"] == 2
+
+
+# -- one bound port for the whole fleet ------------------------------------------------------------
+def test_a_shared_bound_port_attributes_messages_by_topic_or_peer_address():
+    from extproc.signals.kv_events import KvEventsHub, KvEventsSpec
+
+    hub = KvEventsHub(KvEventsSpec(endpoint="tcp://0.0.0.0:5557", topic="kv@{host}:{port}"))
+    hub.want("route", ["10.0.0.1:8000", "10.0.0.2:8000"])   # no event loop: nothing is bound here
+    (key,) = hub._sockets
+    assert key == ("tcp://0.0.0.0:5557", True)               # one bound socket for both
+    hub._on_frames(key, frames(0, [stored([1], toks(1), block_size=BS)], b"kv@10.0.0.2:8000"), "10.0.0.9")
+    hub._on_frames(key, frames(0, [stored([2], toks(2), block_size=BS)], b"kv@10.0.0.7:8000"), "10.0.0.1")
+    assert len(hub.index.get("10.0.0.2:8000")) == 1 and len(hub.index.get("10.0.0.1:8000")) == 0
+    assert hub.counts["unattributed"] == 1                    # a topic nobody has: dropped, counted
+    assert hub.streams["10.0.0.1:8000"].connected is None     # a shared socket cannot tell who is up
+
+    by_peer = KvEventsHub(KvEventsSpec(endpoint="tcp://0.0.0.0:5557"))
+    by_peer.want("route", ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.2:8001"])
+    (key,) = by_peer._sockets
+    by_peer._on_frames(key, frames(0, [stored([1], toks(1), block_size=BS)]), "10.0.0.1")
+    by_peer._on_frames(key, frames(0, [stored([2], toks(2), block_size=BS)]), "10.0.0.2")   # two servers there
+    assert len(by_peer.index.get("10.0.0.1:8000")) == 1 and by_peer.counts["unattributed"] == 1
+    by_peer._on_frames(key, [b"only", b"two"], "10.0.0.1")
+    assert by_peer.counts["malformed_frames"] == 1
+    by_peer.release("route")
+    assert not by_peer.streams and not by_peer._sockets and by_peer.index.get("10.0.0.1:8000") is None

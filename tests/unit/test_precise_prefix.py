@@ -238,3 +238,14 @@ def test_config_is_validated_with_field_paths():
     s = cfg.kv_events
     assert s.binds(s.url("10.0.0.1:8000")) and s.url("10.0.0.9:8000") == "tcp://10.0.0.9:8001"
     assert s.replay_url("10.0.0.1:8000") == "tcp://10.0.0.1:8100" and s.topic_of("1.2.3.4:80") == "kv@1.2.3.4:80"
+
+
+def test_the_bench_gives_its_precise_route_a_valid_config(tmp_path):
+    from aibench.cli import SimBackends
+
+    sim = SimBackends(3, tmp_path, [])
+    sim.kv_base, sim.replay_base = 30000, 31000
+    cfg = policy_config(registry.config_class("precise_prefix_cache"), sim.kv_lb_config())
+    s = cfg.kv_events
+    a = f"127.0.0.1:{sim.ports[2]}"
+    assert s.url(a) == "tcp://127.0.0.1:30002" and s.binds(s.url(a)) and s.replay_url(a) == "tcp://127.0.0.1:31002"

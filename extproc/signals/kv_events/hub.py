@@ -28,6 +28,14 @@ from .wire import WireError, split_frames
 log = logging.getLogger("ai_lb.kv_events")
 
 
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
 class _Shared:
     __slots__ = ("sock", "addresses", "by_topic", "by_host")
 
@@ -36,6 +44,18 @@ class _Shared:
         self.addresses: set[str] = set()
         self.by_topic: dict[bytes, str] = {}
         self.by_host: dict[str, list[str]] = {}
+
+    def attribute(self, topic: bytes, peer: str | None) -> str | None:
+        """Which backend sent a message: the only one here, else by topic, else by peer IP."""
+        if len(self.addresses) == 1 and (not self.by_topic or topic in self.by_topic):
+            return next(iter(self.addresses))
+        if self.by_topic:
+            return self.by_topic.get(topic)
+        if peer is not None:
+            cands = self.by_host.get(peer)
+            if cands is not None and len(cands) == 1:
+                return cands[0]
+        return None
 
 
 class KvEventsHub:
@@ -120,13 +140,6 @@ class KvEventsHub:
         self._replay_wait.pop(address, None)
 
     # -- sockets --------------------------------------------------------------------------------
-    def _ctx_ok(self) -> bool:
-        try:
-            asyncio.get_running_loop()
-            return True
-        except RuntimeError:
-            return False
-
     def _context(self):
         if self._ctx is None:
             import zmq.asyncio
@@ -135,7 +148,7 @@ class KvEventsHub:
         return self._ctx
 
     def _start_sockets(self) -> None:
-        if not self._ctx_ok():
+        if not _loop_running():
             return                       # no event loop yet (tools, tests): started on the next call in one
         for key, sh in self._sockets.items():
             if sh.sock is None:
@@ -173,7 +186,7 @@ class KvEventsHub:
         sh = self._sockets.get(key)
         if sh is None:
             return
-        address = self._attribute(sh, msg.topic, peer)
+        address = sh.attribute(msg.topic, peer)
         if address is None:
             self._count("unattributed")
             return
@@ -181,17 +194,6 @@ class KvEventsHub:
         start = st.on_message(msg.seq, msg.payload)
         if start is not None:
             self._replay_from(st, start)
-
-    def _attribute(self, sh: _Shared, topic: bytes, peer: str | None) -> str | None:
-        if len(sh.addresses) == 1 and (not sh.by_topic or topic in sh.by_topic):
-            return next(iter(sh.addresses))
-        if sh.by_topic:
-            return sh.by_topic.get(topic)
-        if peer is not None:
-            cands = sh.by_host.get(peer)
-            if cands is not None and len(cands) == 1:
-                return cands[0]
-        return None
 
     # -- replay --------------------------------------------------------------------------------
     def _replay_from(self, st: EventStream, start: int) -> None:

@@ -205,53 +205,58 @@ class EventStream:
         self.rebuilding_until = self.clock() + self.rebuild_window
 
     def _apply(self, payload: bytes) -> None:
-        try:
-            batch = decode_payload(payload)
-        except WireError:
-            self.count("malformed_messages")
-            return
-        self.dp_rank = batch.dp_rank
-        index, view, mediums = self.index, self.view, self.mediums
-        for ev in batch.events:
-            kind = type(ev)
-            if kind is Stored:
-                if ev.medium is not None and ev.medium not in mediums:
-                    self.count("other_medium")
-                    continue
-                if ev.group_idx:
-                    self.count("other_group")
-                    continue
-                index.stored(view, ev.hashes, ev.parent, ev.tokens, ev.block_size, self._salts(ev))
-            elif kind is Removed:
-                if ev.medium is not None and ev.medium not in mediums:
-                    continue
-                if ev.group_idx:
-                    continue
-                for h in ev.hashes:
-                    index.removed(view, h)
-            elif kind is Cleared:
-                if ev.medium is None or ev.medium in mediums:
-                    self.count("cleared")
-                    index.clear(self.address)
-            elif kind is Bad:
-                self.count("malformed_events")
+        apply_payload(self, payload)
 
-    def _salts(self, ev: Stored):
-        name = ev.lora_name
-        if name is None and ev.lora_id is not None:
-            name = f"#lora-id:{ev.lora_id}"       # no name to match a request with: its own key space
-        elif name is not None:
-            self.index.saw_lora(name)
-        extra = ev.extra_keys
-        if not extra or all(x is None for x in extra):
-            return self.index.salt(name)
-        out = []
-        salt = self.index.salt
-        for x in extra:
-            if x is None:
-                out.append(salt(name))
+
+def apply_payload(st: EventStream, payload: bytes) -> None:
+    """Decode one batch and apply its events to the stream's view (bad ones counted, skipped)."""
+    try:
+        batch = decode_payload(payload)
+    except WireError:
+        st.count("malformed_messages")
+        return
+    st.dp_rank = batch.dp_rank
+    index, view, mediums = st.index, st.view, st.mediums
+    for ev in batch.events:
+        kind = type(ev)
+        if kind is Stored:
+            if ev.medium is not None and ev.medium not in mediums:
+                st.count("other_medium")
                 continue
-            parts = tuple(p for p in _norm(x) if p != ev.lora_name and p != ev.lora_id) \
-                if isinstance(x, list) else (_norm(x),)
-            out.append(salt(name, parts))
-        return out
+            if ev.group_idx:
+                st.count("other_group")
+                continue
+            index.stored(view, ev.hashes, ev.parent, ev.tokens, ev.block_size, _salts(st, ev))
+        elif kind is Removed:
+            if ev.medium is not None and ev.medium not in mediums:
+                continue
+            if ev.group_idx:
+                continue
+            for h in ev.hashes:
+                index.removed(view, h)
+        elif kind is Cleared:
+            if ev.medium is None or ev.medium in mediums:
+                st.count("cleared")
+                index.clear(st.address)
+        elif kind is Bad:
+            st.count("malformed_events")
+
+def _salts(st: EventStream, ev: Stored):
+    name = ev.lora_name
+    if name is None and ev.lora_id is not None:
+        name = f"#lora-id:{ev.lora_id}"       # no name to match a request with: its own key space
+    elif name is not None:
+        st.index.saw_lora(name)
+    extra = ev.extra_keys
+    if not extra or all(x is None for x in extra):
+        return st.index.salt(name)
+    out = []
+    salt = st.index.salt
+    for x in extra:
+        if x is None:
+            out.append(salt(name))
+            continue
+        parts = tuple(p for p in _norm(x) if p != ev.lora_name and p != ev.lora_id) \
+            if isinstance(x, list) else (_norm(x),)
+        out.append(salt(name, parts))
+    return out
