@@ -14,6 +14,7 @@ classes come from a ``PolicyCatalog`` the caller passes in (``extproc.policies.r
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -59,6 +60,57 @@ class EndpointsConfig:
 
 
 @dataclass(frozen=True)
+class SaturationConfig:
+    """When an endpoint is full: any limit reached (0 = that limit is off)."""
+
+    max_inflight: int = 0      # requests in flight there (cluster-wide with a Redis store)
+    max_waiting: float = 0     # its scraped waiting queue, with the picks assumed since
+    max_kv: float = 0          # its KV-cache usage 0..1, with assumed blocks
+    max_tokens: int = 0        # prompt tokens of this instance's requests in flight there
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """A route's gateway queue: hold requests while every endpoint is full."""
+
+    saturation: SaturationConfig = field(default_factory=SaturationConfig)
+    max_queued: int = 100              # waiting requests per route (more: 429)
+    max_wait: float = 30.0             # seconds a request may wait (then: 503)
+    retry_after: int = 1               # seconds, in the 429's Retry-After
+    classes: tuple[str, ...] = ("high", "normal", "low")   # strict priority, first = highest
+    default_class: str = "normal"
+    class_header: str = ""             # request header naming the class ...
+    class_by_model: Mapping[str, str] = field(default_factory=dict)  # ... or the body's model
+    tenant_header: str = ""            # fairness: tenants take turns within a class
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        s = self.saturation
+        if not (s.max_inflight or s.max_waiting or s.max_kv or s.max_tokens):
+            out.append(("saturation", "set at least one of max_inflight, max_waiting, max_kv, max_tokens"))
+        if min(s.max_inflight, s.max_waiting, s.max_kv, s.max_tokens) < 0 or s.max_kv > 1:
+            out.append(("saturation", "limits must be >= 0 (max_kv at most 1)"))
+        if self.max_queued < 0:
+            out.append(("max_queued", "must be >= 0"))
+        if self.max_wait <= 0:
+            out.append(("max_wait", "must be > 0 seconds"))
+        if self.retry_after < 0:
+            out.append(("retry_after", "must be >= 0 seconds"))
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            out.append(("classes", "must name at least one class, each once"))
+        if self.default_class not in self.classes:
+            out.append(("default_class", f"must be one of the classes {list(self.classes)}"))
+        for m, c in self.class_by_model.items():
+            if c not in self.classes:
+                out.append((f"class_by_model.{m}", f"unknown class {c!r}; allowed: {', '.join(self.classes)}"))
+        for h in ("class_header", "tenant_header"):
+            v = getattr(self, h)
+            if v != v.lower() or v.startswith(":"):
+                out.append((h, "must be a lower-case, non-pseudo header name"))
+        return out
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     name: str
     lb_policy: str
@@ -66,6 +118,7 @@ class RouteConfig:
     lb_config: Mapping[str, Any] = field(default_factory=dict)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     enabled: bool = True
+    queue: QueueConfig | None = None
 
     @property
     def pool(self) -> str:
@@ -190,7 +243,7 @@ def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig 
     if not isinstance(rr, Mapping):
         v.err(path, f"expected a mapping, got {_tname(rr)}")
         return None
-    v.unknown_keys(path, rr, {"lb_type", "lb_policy", "lb_config", "endpoints", "enabled"})
+    v.unknown_keys(path, rr, {"lb_type", "lb_policy", "lb_config", "endpoints", "enabled", "queue"})
     n0 = len(v.problems)
     lb_type = rr.get("lb_type", "endpoint")
     if lb_type not in LB_TYPES:
@@ -235,9 +288,18 @@ def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig 
         if cluster is not None and server is not None and server.envoy_admin is None:
             v.err(f"{path}.endpoints.cluster", "needs server.envoy_admin (the Envoy admin URL) to discover the cluster's hosts")
         endpoints = EndpointsConfig(static=tuple(static), cluster=cluster)
+    queue = None
+    if rr.get("queue") is not None:
+        queue = v.dataclass_from(f"{path}.queue", rr["queue"], QueueConfig)
+        if queue is not None:
+            for sub, msg in queue.validate():
+                v.err(f"{path}.queue.{sub}", msg)
+            if lb_type != "endpoint":
+                v.err(f"{path}.queue", "a queue holds requests for endpoints: lb_type must be 'endpoint'")
     if len(v.problems) > n0:
         return None
-    return RouteConfig(name=name, lb_type=lb_type, lb_policy=policy, lb_config=dict(lb_config), endpoints=endpoints, enabled=enabled)
+    return RouteConfig(name=name, lb_type=lb_type, lb_policy=policy, lb_config=dict(lb_config), endpoints=endpoints,
+                       enabled=enabled, queue=queue)
 
 
 def policy_config(cls: type, raw: Mapping[str, Any]) -> Any:
@@ -317,6 +379,11 @@ class _Validator:
             if f_name not in fields:
                 continue
             val, tp = raw[k], hints[f_name]
+            if dataclasses.is_dataclass(tp):  # a nested block (e.g. queue.saturation)
+                sub = self.dataclass_from(f"{path}.{k}", val, tp)
+                if sub is not None:
+                    kwargs[f_name] = sub
+                continue
             hook = _hook(tp)
             if hook is not None and val is None and type(None) in typing.get_args(tp):
                 kwargs[f_name] = None
@@ -384,6 +451,18 @@ def _coerce(val: Any, tp: Any) -> tuple[bool, Any]:
         return False, None
     if tp is str:
         return isinstance(val, str), val
+    if origin in (dict, Mapping, collections.abc.Mapping):
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        if not isinstance(val, Mapping):
+            return False, None
+        out_d = {}
+        for k, x in val.items():
+            ok_k, ck = _coerce(k, kt)
+            ok_v, cv = _coerce(x, vt)
+            if not (ok_k and ok_v):
+                return False, None
+            out_d[ck] = cv
+        return True, out_d
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(tp) or (Any,)
         if not isinstance(val, list):
@@ -408,4 +487,6 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         return "a list"
+    if origin in (dict, Mapping, collections.abc.Mapping):
+        return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))

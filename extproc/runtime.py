@@ -8,11 +8,13 @@ carried over with their state; replaced ones are closed once their last request 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from . import config as _config
+from .admission import Gate
 from .config import Config, RouteConfig, policy_config
 from .core import EndpointDirectory
 from .policies import PolicyEnv, registry
@@ -42,10 +44,11 @@ class RouteRuntime:
     """One route's compiled config; read on every request, so plain attributes only."""
 
     __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "needs", "endpoints",
-                 "by_endpoint", "sample", "_cand", "_cand_version", "_told")
+                 "by_endpoint", "sample", "gate", "_cand", "_cand_version", "_told")
 
-    def __init__(self, config: RouteConfig, policy: Policy | None) -> None:
+    def __init__(self, config: RouteConfig, policy: Policy | None, gate: Gate | None = None) -> None:
         self.name = config.name
+        self.gate = gate
         self.config = config
         self.policy = policy
         self.policy_name = config.lb_policy
@@ -71,6 +74,8 @@ class RouteRuntime:
                 self._cand, self._told = new, True
                 if self.policy is not None:
                     self.policy.on_candidates(new)
+                if self.gate is not None:
+                    self.gate.on_candidates(new)
         return self._cand
 
 
@@ -89,6 +94,7 @@ class Runtime:
         self.catch_all: RouteRuntime | None = None
         self.config: Config | None = None
         self._active: dict[int, int] = {}  # id(policy) -> requests it still owns
+        self._gates: dict[tuple, Gate] = {}  # (route, queue config) -> its gate (waiters survive reloads)
         self._retired: dict[int, Policy] = {}
 
     def lookup(self, route_name: str) -> RouteRuntime | None:
@@ -101,6 +107,7 @@ class Runtime:
                for name, r in self.routes.items() if r.policy is not None} if self.config else {}
         new_routes: dict[str, RouteRuntime] = {}
         started: list[Policy] = []
+        gates: dict[tuple, Gate] = {}
         try:
             for name, rc in config.routes.items():
                 if not rc.enabled:
@@ -115,7 +122,7 @@ class Runtime:
                                                    scrapes=self.scrapes, store_url=config.store))
                     await policy.start()
                     started.append(policy)
-                new_routes[name] = RouteRuntime(rc, policy)
+                new_routes[name] = RouteRuntime(rc, policy, self._gate(rc, gates))
         except Exception:
             for p in started:
                 await _close_quietly(p)
@@ -127,8 +134,20 @@ class Runtime:
         self.routes = new_routes
         self.catch_all = new_routes.get(CATCH_ALL)
         self.config = config
+        for key, g in self._gates.items():
+            if key not in gates:
+                g.close()  # its waiters get a 503: their route's queue is gone
+        self._gates = gates
         for p in retired:
             self._retire(p)
+
+    def _gate(self, rc: RouteConfig, gates: dict[tuple, Gate]) -> Gate | None:
+        if rc.queue is None:
+            return None
+        key = (rc.name, _config._freeze(dataclasses.asdict(rc.queue)))
+        g = self._gates.get(key) or gates.get(key) or Gate(rc.name, rc.queue, self.load)
+        gates[key] = g
+        return g
 
     def refresh_candidates(self) -> None:
         """Discovery changed: let every route's policy see its new candidates now, not at

@@ -62,6 +62,7 @@ class Gateway:
         self.telemetry.policy_stats = lambda: [(n, r.policy_name, r.policy.stats)
                                                for n, r in self.runtime.routes.items() if r.policy is not None]
         self.telemetry.state_events = lambda: self.stores.events
+        self.telemetry.queues = lambda: [(n, r.gate) for n, r in self.runtime.routes.items() if r.gate is not None]
         self.health = health.aio.HealthServicer()  # grpcio transport
         self._health_status: dict[str, int] = {}     # native transport
         self.discovery: EnvoyAdminDiscovery | None = None

@@ -37,6 +37,7 @@ class Telemetry:
         # and the state stores' event counts ((store, event) -> n).
         self.policy_stats: Callable[[], Iterable[tuple[str, str, dict]]] | None = None
         self.state_events: Callable[[], dict[tuple[str, str], int]] | None = None
+        self.queues: Callable[[], Iterable[tuple[str, object]]] | None = None  # (route, admission gate)
         self.registry.register(_Collector(self))
         self._fb_log = RateLimitedLog(fallback_log_interval)
 
@@ -124,6 +125,7 @@ class _Collector:
                 for event, v in dict(st).items():
                     c.add_metric([route, policy, event], v)
         yield c
+        yield from _queue_families(t)
         h = HistogramMetricFamily("ai_lb_decision_duration_seconds", "Time from the message that completed the "
                                   "request's input to the answer sent to Envoy.", labels=["route", "policy"])
         for k, counts in dict(t.decision_seconds).items():
@@ -134,6 +136,32 @@ class _Collector:
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
             h.add_metric(list(k), buckets, counts[-1])
         yield h
+
+
+def _queue_families(t: "Telemetry"):
+    """The gateway queues: waiting now, time waited, shed requests (per route and class)."""
+    g = GaugeMetricFamily("ai_lb_queue_waiting", "Requests waiting in a route's queue, by class.",
+                          labels=["route", "class"])
+    shed = CounterMetricFamily("ai_lb_queue_shed", "Requests a route's queue answered itself: queue_full (429), "
+                               "timeout (503 after max_wait), client_gone (aborted while waiting).",
+                               labels=["route", "class", "reason"])
+    waited = HistogramMetricFamily("ai_lb_queue_wait_seconds", "Time requests spent in a route's queue.",
+                                   labels=["route", "class"])
+    for route, gate in list(t.queues() if t.queues else ()):
+        for cls in gate.cfg.classes:
+            g.add_metric([route, cls], gate.line.length(cls))
+        for (cls, reason), n in dict(gate.shed).items():
+            shed.add_metric([route, cls, reason], n)
+        for cls, counts in dict(gate.waited).items():
+            counts = list(counts)
+            buckets, acc = [], 0
+            for bound, n in zip((*gate.wait_buckets, float("inf")), counts[:-1]):
+                acc += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+            waited.add_metric([route, cls], buckets, counts[-1])
+    yield g
+    yield shed
+    yield waited
 
 
 class RateLimitedLog:

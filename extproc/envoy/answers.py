@@ -20,6 +20,7 @@ DEST_HEADER = "x-gateway-destination-endpoint"
 DEST_METADATA_NS = "envoy.lb"
 
 PM = processing_mode_pb2.ProcessingMode
+_ERROR_TYPES = {429: "rate_limit_exceeded", 503: "service_unavailable"}
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -91,11 +92,18 @@ class Answers:
         return r
 
     @staticmethod
-    def reject(status: int, message: str) -> pb.ProcessingResponse:
-        body = json.dumps({"error": {"message": message, "type": "ai_lb_rejected", "code": status}}).encode()
+    def reject(status: int, message: str, retry_after: int | None = None) -> pb.ProcessingResponse:
+        """An immediate answer in OpenAI's error shape (clients' SDKs parse it and retry
+        429/503 with ``Retry-After``)."""
+        kind = _ERROR_TYPES.get(status, "ai_lb_rejected")
+        body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": kind}}).encode()
         ir = pb.ImmediateResponse(status=http_status_pb2.HttpStatus(code=status), body=body, details="ai_lb_rejected")
-        ir.headers.set_headers.append(base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"), append_action=_OVERWRITE))
+        headers = [("content-type", "application/json")]
+        if retry_after is not None:
+            headers.append(("retry-after", str(retry_after)))
+        for k, v in headers:
+            ir.headers.set_headers.append(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE))
         return pb.ProcessingResponse(immediate_response=ir)
 
 

@@ -17,6 +17,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from ..admission.gate import Queued, Rejected
 from ..core import BodyError, ClusterPick, Endpoint, Fallback, Pick, Reject, RequestContext, Wait
 from ..runtime import RouteRuntime, Runtime
 from ..signals import LoadView
@@ -27,6 +28,7 @@ from .answers import PM, Answers, processing_mode
 log = logging.getLogger("ai_lb.processor")
 
 ATTR_NAMESPACE = "envoy.filters.http.ext_proc"
+HOLD_MARGIN_S = 1.0   # a held request's answer is due this long after its deadline at the latest
 ROUTE_ATTR = "xds.route_name"
 _EOF = grpc.aio.EOF
 _perf = time.perf_counter
@@ -53,9 +55,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     break
                 kind = req.WhichOneof("request")
                 if kind == "request_headers":
-                    ctx, rt, resp = await self._on_request_headers(req)
+                    ctx, rt, resp = await self._on_request_headers(req, context)
                 elif kind == "request_body":
-                    resp = await self._on_request_body(req, ctx, rt)
+                    resp = await self._on_request_body(req, ctx, rt, context)
                 elif kind == "response_headers":
                     resp = self._on_response_headers(req, ctx)
                 elif kind == "response_body":
@@ -79,7 +81,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 self._done(ctx)
 
     # -- request phase -----------------------------------------------------------------
-    async def _on_request_headers(self, req: pb.ProcessingRequest):
+    async def _on_request_headers(self, req: pb.ProcessingRequest, stream):
         hm = req.request_headers
         attrs = req.attributes.get(ATTR_NAMESPACE)
         route_name = ""
@@ -100,10 +102,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         if rt.needs_body:  # bodyless request on a prompt-reading route: nothing to wait for
             self.telemetry.fallback(route_name, rt.policy_name, "no_body")
             return ctx, rt, self.answers.passthrough("headers")
-        return ctx, rt, await self._decide(ctx, rt, "headers")
+        return ctx, rt, await self._decide(ctx, rt, "headers", stream)
 
     async def _on_request_body(self, req: pb.ProcessingRequest, ctx: RequestContext | None,
-                               rt: RouteRuntime | None) -> pb.ProcessingResponse:
+                               rt: RouteRuntime | None, stream) -> pb.ProcessingResponse:
         if ctx is None or rt is None or ctx.policy is not None:
             return self.answers.passthrough("body")
         b = req.request_body
@@ -113,17 +115,44 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             return self.answers.passthrough("body")
         ctx.body = body
         ctx.body_complete = b.end_of_stream
-        return await self._decide(ctx, rt, "body")
+        return await self._decide(ctx, rt, "body", stream)
 
-    async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str) -> pb.ProcessingResponse:
+    async def _decide(self, ctx: RequestContext, rt: RouteRuntime, phase: str, stream) -> pb.ProcessingResponse:
         t0 = _perf()
-        policy = rt.policy
         candidates = rt.candidates(self.runtime.directory)
         if not candidates and rt.by_endpoint:
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
             return self.answers.passthrough(phase, _mode(rt, ctx) if phase == "headers" else None)
+        gate, waiter = rt.gate, None
+        if gate is not None:  # the route's queue: admitted now, held until there is room, or shed
+            a = gate.admit(ctx, candidates)
+            if isinstance(a, Queued):
+                waiter = a.waiter
+                await self._hold(stream, a.max_wait)
+                a = await gate.wait(a)
+            if isinstance(a, Rejected):
+                self.telemetry.rejected(ctx.route, rt.policy_name, a.status, _perf() - t0)
+                return self.answers.reject(a.status, a.message, a.retry_after)
+            candidates = a.candidates
+        try:
+            return await self._pick(ctx, rt, phase, stream, candidates, t0)
+        finally:
+            if waiter is not None:
+                gate.settled(waiter)  # counted (or decided otherwise): the next waiter may go
+
+    async def _hold(self, stream, seconds: float) -> None:
+        """Keep Envoy waiting for this message (up to its ``max_message_timeout``) instead
+        of timing out and falling open: a held request must never go to native LB."""
+        await stream.write(pb.ProcessingResponse(override_message_timeout=_duration(seconds + HOLD_MARGIN_S)))
+
+    async def _pick(self, ctx: RequestContext, rt: RouteRuntime, phase: str, stream, candidates,
+                    t0: float) -> pb.ProcessingResponse:
+        policy = rt.policy
         try:
             d = await policy.pick(ctx, candidates)
+            if isinstance(d, Wait):  # a policy that holds the request itself
+                await self._hold(stream, d.max_wait)
+                d = await d.ready
         except BodyError as e:
             d = Fallback(e.reason)
             detail = str(e)
@@ -133,9 +162,6 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             detail = type(e).__name__
         else:
             detail = ""
-        if isinstance(d, Wait):  # the gateway queue's interface; the processor does not hold requests yet
-            d = Fallback("policy_error")
-            detail = "Wait decisions are not supported by this processor"
         if isinstance(d, Pick):
             also = d.also
             d = d.endpoint
@@ -207,6 +233,12 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self._errlog.warn(("hook", "done"), "on_done failed: %r", e)
         finally:
             self.runtime.release(ctx.policy)
+
+
+def _duration(seconds: float):
+    from google.protobuf import duration_pb2
+
+    return duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
 
 
 def _mode(rt: RouteRuntime, ctx: RequestContext | None = None) -> PM | None:

@@ -1,0 +1,181 @@
+"""A route's gate: admit at once while an endpoint has room and nobody waits ahead,
+otherwise wait in line; release the line to the first endpoint that frees up.
+
+The core calls ``admit`` before the policy picks. ``Admitted`` carries the candidates
+with room (the policy chooses among them); ``Queued`` is held by the core (it extends
+Envoy's message timeout, then awaits ``wait``); ``Rejected`` is a 429 (line full) or a
+503 (waited past ``max_wait``), both with OpenAI's error shape. Releases are serialised:
+a waiter granted a slot must be counted (``settled``, right after the pick) before the
+next one is granted, so one free slot is never given twice. The line is re-examined on
+every load change of the route's endpoints (a request ends, a scrape arrives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..config import QueueConfig
+from ..core import BodyError, Endpoint, RequestContext
+from ..signals.load import EndpointLoad, LoadView
+from .queue import Line, Waiter
+from .saturation import Saturation
+
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(slots=True)
+class Admitted:
+    candidates: Sequence[Endpoint]
+
+
+@dataclass(slots=True)
+class Rejected:
+    status: int
+    message: str
+    retry_after: int | None = None
+
+
+@dataclass(slots=True)
+class Queued:
+    waiter: Waiter
+    max_wait: float
+
+
+class Gate:
+    wait_buckets = WAIT_BUCKETS
+
+    def __init__(self, route: str, cfg: QueueConfig, view: LoadView) -> None:
+        self.route = route
+        self.cfg = cfg
+        self.view = view
+        self.sat = Saturation(cfg.saturation)
+        self.line = Line(cfg.classes, cfg.max_queued)
+        self._cands: Sequence[Endpoint] = ()
+        self._watched: tuple[str, ...] = ()
+        self._granted: Waiter | None = None
+        # (class) -> counts, for the metrics
+        self.shed: dict[tuple[str, str], int] = {}             # (class, reason) -> n
+        self.waited: dict[str, list] = {}                      # class -> [bucket counts..., sum]
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def on_candidates(self, endpoints: Sequence[Endpoint]) -> None:
+        self._cands = endpoints
+        addrs = tuple(e.address for e in endpoints)
+        if addrs != self._watched:
+            self.view.unwatch(self._watched, self._on_change)
+            self.view.watch(addrs, self._on_change)
+            self._watched = addrs
+        self._poke()
+
+    def close(self) -> None:
+        self.view.unwatch(self._watched, self._on_change)
+        self._watched = ()
+        while True:   # nobody is left waiting for a gate that is gone
+            w = self.line.head()
+            if w is None:
+                break
+            self.line.pop(w)
+            if not w.future.done():
+                w.future.set_result(Rejected(503, "the route's queue was removed by a reload; retry"))
+
+    # -- the request path ----------------------------------------------------------------------
+    def class_of(self, ctx: RequestContext) -> str:
+        c = self.cfg
+        if c.class_header:
+            v = ctx.headers.get(c.class_header)
+            if v in self.line.rank:
+                return v
+        if c.class_by_model:
+            try:
+                m = ctx.model
+            except BodyError:
+                m = None
+            if m in c.class_by_model:
+                return c.class_by_model[m]
+        return c.default_class
+
+    def roomy(self, candidates: Sequence[Endpoint]) -> list[Endpoint]:
+        now = time.monotonic()
+        rec, room = self.view.record, self.sat.room
+        return [e for e in candidates if room(rec(e.address), now)]
+
+    def admit(self, ctx: RequestContext, candidates: Sequence[Endpoint]) -> Admitted | Queued | Rejected:
+        self._cands = candidates
+        cls = self.class_of(ctx)
+        if self._granted is None and not self.line.ahead(cls):
+            roomy = self.roomy(candidates)
+            if roomy:
+                return Admitted(roomy)
+        tenant = ctx.headers.get(self.cfg.tenant_header, "") if self.cfg.tenant_header else ""
+        w = self.line.push(cls, tenant)
+        if w is None:
+            self._count(cls, "queue_full")
+            return Rejected(429, f"all endpoints of route {self.route!r} are busy and {len(self.line)} requests "
+                                 "are waiting; retry later", self.cfg.retry_after)
+        self._poke()
+        return Queued(w, self.cfg.max_wait)
+
+    async def wait(self, q: Queued) -> Admitted | Rejected:
+        w = q.waiter
+        try:
+            async with asyncio.timeout(max(0.0, q.max_wait - (time.monotonic() - w.arrived))):
+                got = await w.future
+        except TimeoutError:
+            self.line.pop(w)
+            self._count(w.cls, "timeout")
+            self._observe(w)
+            return Rejected(503, f"no endpoint of route {self.route!r} freed up within {self.cfg.max_wait:g} s; "
+                                 "retry later", self.cfg.retry_after)
+        except asyncio.CancelledError:  # the client went away (Envoy reset the stream)
+            self.line.pop(w)
+            self._count(w.cls, "client_gone")
+            self._settle(w)             # a grant it received but could not use goes to the next
+            raise
+        self._observe(w)
+        return got
+
+    def settled(self, w: Waiter | None) -> None:
+        """The request that ``w`` granted has been counted (or decided otherwise)."""
+        if w is not None:
+            self._settle(w)
+
+    # -- releasing ---------------------------------------------------------------------
+    def _settle(self, w: Waiter) -> None:
+        if self._granted is w:
+            self._granted = None
+            self._poke()
+
+    def _on_change(self, r: EndpointLoad) -> None:
+        if len(self.line) and self._granted is None:
+            self._poke()
+
+    def _poke(self) -> None:
+        while self._granted is None:
+            w = self.line.head()
+            if w is None:
+                return
+            roomy = self.roomy(self._cands)
+            if not roomy:
+                return
+            self.line.pop(w)
+            if w.future.done():          # timed out or cancelled in the meantime
+                continue
+            self._granted = w
+            w.future.set_result(Admitted(roomy))
+
+    # -- metrics ---------------------------------------------------------------------------
+    def _count(self, cls: str, reason: str) -> None:
+        k = (cls, reason)
+        self.shed[k] = self.shed.get(k, 0) + 1
+
+    def _observe(self, w: Waiter) -> None:
+        h = self.waited.get(w.cls)
+        if h is None:
+            h = self.waited[w.cls] = [0] * (len(WAIT_BUCKETS) + 1) + [0.0]
+        s = time.monotonic() - w.arrived
+        h[bisect.bisect_left(WAIT_BUCKETS, s)] += 1
+        h[-1] += s

@@ -1,0 +1,130 @@
+"""The gateway queue's line and gate: priorities, tenants, bounds, release, shedding."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from extproc.admission.gate import Admitted, Gate, Queued, Rejected
+from extproc.admission.queue import Line
+from extproc.config import QueueConfig, SaturationConfig
+from extproc.core import Endpoint, RequestContext
+from extproc.signals.load import LoadView
+
+EPS = (Endpoint("10.0.0.1:1"), Endpoint("10.0.0.2:1"))
+
+
+def ctx(**headers):
+    return RequestContext("r", {k.replace("_", "-"): v for k, v in headers.items()})
+
+
+@pytest.mark.asyncio
+async def test_line_strict_priority_fifo_and_tenants_take_turns():
+    line = Line(("high", "normal", "low"), max_queued=10)
+    order = [("low", "a"), ("normal", "a"), ("normal", "a"), ("normal", "b"), ("high", "c"), ("normal", "b")]
+    ws = [line.push(c, t) for c, t in order]
+    served = []
+    while (w := line.head()) is not None:
+        line.pop(w)
+        served.append(ws.index(w))
+    # high first; within normal, tenants a and b alternate; low last
+    assert served == [4, 1, 3, 2, 5, 0]
+    assert line.push("low") is not None and len(line) == 1
+    full = Line(("x",), max_queued=1)
+    assert full.push("x") is not None and full.push("x") is None
+
+
+def gate(view, **q):
+    sat = q.pop("sat", {"max_inflight": 1})
+    g = Gate("r", QueueConfig(saturation=SaturationConfig(**sat), **q), view)
+    g.on_candidates(EPS)
+    return g
+
+
+@pytest.mark.asyncio
+async def test_held_until_an_endpoint_frees_then_released_in_order_one_at_a_time():
+    v = LoadView()
+    g = gate(v, class_header="x-priority")
+    busy = [v.begin(e.address) for e in EPS]          # both endpoints at max_inflight 1
+    q1 = g.admit(ctx(x_priority="low"), EPS)
+    q2 = g.admit(ctx(x_priority="high"), EPS)
+    assert isinstance(q1, Queued) and isinstance(q2, Queued) and len(g.line) == 2
+    t1, t2 = asyncio.ensure_future(g.wait(q1)), asyncio.ensure_future(g.wait(q2))
+    await asyncio.sleep(0)
+    v.end(busy[0])                                    # one slot frees: the high one goes first
+    await asyncio.sleep(0)
+    assert t2.done() and not t1.done()
+    a = t2.result()
+    assert isinstance(a, Admitted) and [e.address for e in a.candidates] == [EPS[0].address]
+    v.end(busy[1])                                    # another slot, but the grant is not counted yet
+    await asyncio.sleep(0)
+    assert not t1.done()                              # one free slot is never given twice
+    v.begin(EPS[0].address)                           # the released request is counted ...
+    g.settled(q2.waiter)                              # ... and the next may go
+    await asyncio.sleep(0)
+    assert t1.done() and isinstance(t1.result(), Admitted)
+
+
+@pytest.mark.asyncio
+async def test_newcomers_do_not_pass_the_line_and_room_admits_at_once():
+    v = LoadView()
+    g = gate(v)
+    assert isinstance(g.admit(ctx(), EPS), Admitted)  # room, nobody waiting
+    held = [v.begin(e.address) for e in EPS]
+    q = g.admit(ctx(), EPS)
+    v.end(held[0])                                    # room again, but someone waits: they go first
+    assert isinstance(g.admit(ctx(), EPS), Queued)
+    assert q.waiter.future.done()
+
+
+@pytest.mark.asyncio
+async def test_full_line_is_429_and_a_long_wait_is_503_and_an_abort_frees_its_place():
+    v = LoadView()
+    g = gate(v, max_queued=1, max_wait=0.05, retry_after=7)
+    for e in EPS:
+        v.begin(e.address)
+    q = g.admit(ctx(), EPS)
+    r = g.admit(ctx(), EPS)
+    assert isinstance(r, Rejected) and r.status == 429 and r.retry_after == 7
+    r = await g.wait(q)
+    assert isinstance(r, Rejected) and r.status == 503
+    assert len(g.line) == 0 and g.shed == {("normal", "queue_full"): 1, ("normal", "timeout"): 1}
+    q = g.admit(ctx(), EPS)
+    t = asyncio.ensure_future(g.wait(q))
+    await asyncio.sleep(0)
+    t.cancel()                                        # the client went away while waiting
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    assert len(g.line) == 0 and g.shed[("normal", "client_gone")] == 1
+    assert sum(g.waited["normal"][:-1]) == 1          # the timed-out one was observed
+
+
+@pytest.mark.asyncio
+async def test_saturation_by_scraped_queue_kv_and_tokens():
+    from extproc.signals.metrics import EndpointMetrics
+
+    v = LoadView()
+    g = gate(v, sat={"max_waiting": 2, "max_kv": 0.9, "max_tokens": 1000})
+    a, b = EPS[0].address, EPS[1].address
+    v.on_scrape(a, EndpointMetrics({"vllm:num_requests_waiting": 2, "vllm:kv_cache_usage_perc": 0.1}))
+    v.on_scrape(b, EndpointMetrics({"vllm:num_requests_waiting": 0, "vllm:kv_cache_usage_perc": 0.95}))
+    assert isinstance(g.admit(ctx(), EPS), Queued)    # a: queue 2, b: KV 0.95 -> both full
+    v.on_scrape(b, EndpointMetrics({"vllm:num_requests_waiting": 0, "vllm:kv_cache_usage_perc": 0.5}))
+    assert [e.address for e in g.roomy(EPS)] == [b]
+    v.begin(b, tokens=1000)                           # tokens in flight reach the limit
+    assert g.roomy(EPS) == []
+
+
+@pytest.mark.asyncio
+async def test_class_from_the_model_and_close_rejects_waiters():
+    v = LoadView()
+    g = gate(v, class_by_model={"big": "low"})
+    c = ctx()
+    c.body = b'{"model": "big", "messages": []}'
+    assert g.class_of(c) == "low" and g.class_of(ctx()) == "normal"
+    for e in EPS:
+        v.begin(e.address)
+    q = g.admit(ctx(), EPS)
+    g.close()
+    assert isinstance(await g.wait(q), Rejected)
