@@ -379,7 +379,7 @@ class _Validator:
             if f_name not in fields:
                 continue
             val, tp = raw[k], hints[f_name]
-            if dataclasses.is_dataclass(tp):  # a nested block (e.g. queue.saturation)
+            if dataclasses.is_dataclass(tp) and _hook(tp) is None:  # a nested block (e.g. queue.saturation); a type's own parser wins
                 sub = self.dataclass_from(f"{path}.{k}", val, tp)
                 if sub is not None:
                     kwargs[f_name] = sub
