@@ -121,6 +121,8 @@ class KvEventsHub:
     def _remove(self, address: str) -> None:
         st = self.streams.pop(address)
         st.close()
+        for k, n in st.counts.items():   # kept, so the exported counts never go down
+            self.counts[k] = self.counts.get(k, 0) + n
         key = self._sock_of.pop(address)
         sh = self._sockets[key]
         sh.addresses.discard(address)
