@@ -49,6 +49,7 @@ class SubSocket:
         self.error: str | None = None
         self.received = 0
         self._tasks: list[asyncio.Task] = []
+        self._mon = None
         self._closed = False
 
     def start(self) -> None:
@@ -85,7 +86,7 @@ class SubSocket:
                 continue
             self.error = None
             self.sock = sock
-            mon = sock.get_monitor_socket(_MON_EVENTS)
+            mon = self._mon = sock.get_monitor_socket(_MON_EVENTS)
             self._tasks.append(asyncio.get_running_loop().create_task(self._monitor(mon)))
             await self._read(sock)
             return
@@ -137,6 +138,9 @@ class SubSocket:
                 pass
             self.sock.close(linger=0)
             self.sock = None
+        if self._mon is not None:
+            self._mon.close(linger=0)
+            self._mon = None
 
 
 class ReplayClient:
