@@ -320,3 +320,30 @@ def test_a_shared_bound_port_attributes_messages_by_topic_or_peer_address():
     assert by_peer.counts["malformed_frames"] == 1
     by_peer.release("route")
     assert not by_peer.streams and not by_peer._sockets and by_peer.index.get("10.0.0.1:8000") is None
+
+
+def test_a_reconnect_with_replay_asks_for_what_was_missed_and_keeps_the_view_if_it_comes():
+    st, idx, clock = stream(replay=True)
+    st.on_connected()
+    msg(st, 0, stored([1], toks(1), block_size=BS))
+    st.on_disconnected()
+    assert st.on_connected() == 1                                   # replay from the next sequence number
+    st.on_replay([(1, payload([stored([2], toks(2), parent=1, block_size=BS)]))])
+    assert depth(idx, 1, 2) == 2 and st.last_seq == 1 and st.live(clock()) is None
+
+
+def test_the_hub_follows_discovery_and_drops_a_backend_that_left():
+    from extproc.signals.kv_events import KvEventsHub, KvEventsSpec
+
+    hub = KvEventsHub(KvEventsSpec(endpoint="tcp://{host}:{port+1}"))
+    hub.want("route a", ["10.0.0.1:8000", "10.0.0.2:8000"])
+    hub.want("route b", ["10.0.0.2:8000"])
+    assert set(hub._sockets) == {("tcp://10.0.0.1:8001", False), ("tcp://10.0.0.2:8001", False)}
+    hub.streams["10.0.0.1:8000"].on_message(0, payload([stored([1], toks(1), block_size=BS)]))
+    hub.want("route a", ["10.0.0.2:8000"])                          # 10.0.0.1 left the fleet
+    assert set(hub.streams) == {"10.0.0.2:8000"} and hub.index.get("10.0.0.1:8000") is None
+    assert len(hub.index) == 0 and hub.stats()["messages"] == 1     # its counts stay counted
+    hub.release("route a")
+    assert set(hub.streams) == {"10.0.0.2:8000"}                    # route b still reads it
+    hub.release("route b")
+    assert not hub.streams and not hub._sockets
