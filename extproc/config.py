@@ -82,9 +82,12 @@ class QueueConfig:
     class_header: str = ""             # request header naming the class ...
     class_by_model: Mapping[str, str] = field(default_factory=dict)  # ... or the body's model
     tenant_header: str = ""            # fairness: tenants take turns within a class
+    redis_timeout: float = 200.0       # ms per call to a Redis-shared line (then: this replica's own line)
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
+        if self.redis_timeout <= 0:
+            out.append(("redis_timeout", "must be > 0 (milliseconds)"))
         s = self.saturation
         if not (s.max_inflight or s.max_waiting or s.max_kv or s.max_tokens):
             out.append(("saturation", "set at least one of max_inflight, max_waiting, max_kv, max_tokens"))

@@ -15,6 +15,8 @@ from typing import Any
 
 from . import config as _config
 from .admission import Gate
+from .admission.redis_line import RedisLine
+from .admission.shared_gate import SharedGate
 from .config import Config, RouteConfig, policy_config
 from .core import EndpointDirectory
 from .policies import PolicyEnv, registry
@@ -122,7 +124,7 @@ class Runtime:
                                                    scrapes=self.scrapes, store_url=config.store))
                     await policy.start()
                     started.append(policy)
-                new_routes[name] = RouteRuntime(rc, policy, self._gate(rc, gates))
+                new_routes[name] = RouteRuntime(rc, policy, await self._gate(rc, gates, config.store))
         except Exception:
             for p in started:
                 await _close_quietly(p)
@@ -141,11 +143,20 @@ class Runtime:
         for p in retired:
             self._retire(p)
 
-    def _gate(self, rc: RouteConfig, gates: dict[tuple, Gate]) -> Gate | None:
+    async def _gate(self, rc: RouteConfig, gates: dict[tuple, Gate], store: str) -> Gate | None:
+        """The route's queue: kept across reloads while its config is the same (its waiters
+        keep waiting); shared by every replica through Redis with a Redis store."""
         if rc.queue is None:
             return None
-        key = (rc.name, _config._freeze(dataclasses.asdict(rc.queue)))
-        g = self._gates.get(key) or gates.get(key) or Gate(rc.name, rc.queue, self.load)
+        key = (rc.name, store, _config._freeze(dataclasses.asdict(rc.queue)))
+        g = self._gates.get(key) or gates.get(key)
+        if g is None:
+            if store == "memory":
+                g = Gate(rc.name, rc.queue, self.load)
+            else:
+                counts = self.stores.counts(store, rc.queue.redis_timeout / 1000.0)
+                g = SharedGate(rc.name, rc.queue, self.load, RedisLine(counts, rc.pool))
+            await g.start()
         gates[key] = g
         return g
 

@@ -147,11 +147,15 @@ def _queue_families(t: "Telemetry"):
                                labels=["route", "class", "reason"])
     waited = HistogramMetricFamily("ai_lb_queue_wait_seconds", "Time requests spent in a route's queue.",
                                    labels=["route", "class"])
+    local = CounterMetricFamily("ai_lb_queue_local", "Admissions a Redis-shared queue decided with this replica's own "
+                                "line because Redis was unavailable (degraded, never stopped).", labels=["route", "class"])
     for route, gate in list(t.queues() if t.queues else ()):
         for cls in gate.cfg.classes:
             g.add_metric([route, cls], gate.line.length(cls))
         for (cls, reason), n in dict(gate.shed).items():
             shed.add_metric([route, cls, reason], n)
+        for cls, n in dict(gate.degraded).items():
+            local.add_metric([route, cls], n)
         for cls, counts in dict(gate.waited).items():
             counts = list(counts)
             buckets, acc = [], 0
@@ -162,6 +166,7 @@ def _queue_families(t: "Telemetry"):
     yield g
     yield shed
     yield waited
+    yield local
 
 
 class RateLimitedLog:

@@ -143,3 +143,48 @@ class Busy:
     def __exit__(self, *exc) -> None:
         post_json(f"http://127.0.0.1:{self.port}/sim/faults", {"reset": True})  # lets them finish fast
         self.t.join(30)
+
+
+class TwoGateways:
+    """Two gateways (an Envoy and an ai-lb each) sharing one Redis and three simulated
+    vLLM servers: what a fleet of ai-lb replicas looks like."""
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.backends = free_ports(3)
+        from aibench.redis_server import RedisServer
+        import redis
+
+        self.redis = RedisServer(tmp).start()
+        self.sim = start_sim(tmp, self.backends, "--model", "sim-model", "--time-scale", "0.02",
+                               "--max-model-len", "1000000", "--admin-port", "-1", name="sim-glr")
+        self.gws = []
+        for i in range(2):
+            listen, admin, grpc, metrics = free_ports(4)
+            d = tmp / f"gw{i}"
+            d.mkdir()
+            env = start_envoy(d, EnvoyPorts(listen, admin, grpc), self.backends)
+            self.gws.append({"dir": d, "listen": listen, "admin": admin, "grpc": grpc, "metrics": metrics, "envoy": env, "ai": None})
+        for g in self.gws:
+            wait_cluster_healthy(g["admin"], "llm_backends", 3)
+        self.r = redis.Redis(port=self.redis.port)
+
+    def metrics(self, i):
+        return metrics_text(self.gws[i]["metrics"])
+
+    def start_ai_lb(self, i, routes):
+        g = self.gws[i]
+        cfg = write_ai_lb_config(g["dir"] / "ai-lb.yaml", g["grpc"], g["metrics"], routes, envoy_admin_port=g["admin"],
+                                 store=self.redis.url)
+        g["ai"] = start_ai_lb(g["dir"], cfg, g["grpc"], name=f"ai-lb-{i}")
+        time.sleep(0.6)  # discovery
+
+    def url(self, i):
+        return f"http://127.0.0.1:{self.gws[i]['listen']}{CHAT}"
+
+    def stop(self):
+        for g in self.gws:
+            if g["ai"]:
+                g["ai"].stop()
+            g["envoy"].stop()
+        self.sim.stop()
+        self.redis.kill()

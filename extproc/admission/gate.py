@@ -8,6 +8,8 @@ Envoy's message timeout, then awaits ``wait``); ``Rejected`` is a 429 (line full
 a waiter granted a slot must be counted (``settled``, right after the pick) before the
 next one is granted, so one free slot is never given twice. The line is re-examined on
 every load change of the route's endpoints (a request ends, a scrape arrives).
+
+With a Redis store the line is shared by every replica: ``shared_gate.SharedGate``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 @dataclass(slots=True)
 class Admitted:
     candidates: Sequence[Endpoint]
+    slot: str | None = None     # a shared line's slot (an endpoint), released with ``release``
 
 
 @dataclass(slots=True)
@@ -52,6 +55,7 @@ class Gate:
         self.route = route
         self.cfg = cfg
         self.view = view
+        self._members: dict[str, Waiter] = {}    # waiters a shared line decides for (SharedGate)
         self.sat = Saturation(cfg.saturation)
         self.line = Line(cfg.classes, cfg.max_queued)
         self._cands: Sequence[Endpoint] = ()
@@ -59,6 +63,7 @@ class Gate:
         self._granted: Waiter | None = None
         # (class) -> counts, for the metrics
         self.shed: dict[tuple[str, str], int] = {}             # (class, reason) -> n
+        self.degraded: dict[str, int] = {}                     # class -> decisions made locally (shared line down)
         self.waited: dict[str, list] = {}                      # class -> [bucket counts..., sum]
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -70,6 +75,9 @@ class Gate:
             self.view.watch(addrs, self._on_change)
             self._watched = addrs
         self._poke()
+
+    async def start(self) -> None:
+        pass
 
     def close(self) -> None:
         self.view.unwatch(self._watched, self._on_change)
@@ -103,21 +111,33 @@ class Gate:
         rec, room = self.view.record, self.sat.room
         return [e for e in candidates if room(rec(e.address), now)]
 
-    def admit(self, ctx: RequestContext, candidates: Sequence[Endpoint]) -> Admitted | Queued | Rejected:
+    async def admit(self, ctx: RequestContext, candidates: Sequence[Endpoint]) -> Admitted | Queued | Rejected:
         self._cands = candidates
-        cls = self.class_of(ctx)
+        return self._admit_local(ctx, self.class_of(ctx), candidates)
+
+    def _admit_local(self, ctx: RequestContext, cls: str, candidates: Sequence[Endpoint]):
         if self._granted is None and not self.line.ahead(cls):
             roomy = self.roomy(candidates)
             if roomy:
                 return Admitted(roomy)
-        tenant = ctx.headers.get(self.cfg.tenant_header, "") if self.cfg.tenant_header else ""
-        w = self.line.push(cls, tenant)
+        w = self._push(ctx, cls)
         if w is None:
-            self._count(cls, "queue_full")
-            return Rejected(429, f"all endpoints of route {self.route!r} are busy and {len(self.line)} requests "
-                                 "are waiting; retry later", self.cfg.retry_after)
+            return self._full(cls)
         self._poke()
         return Queued(w, self.cfg.max_wait)
+
+    def _push(self, ctx: RequestContext, cls: str) -> Waiter | None:
+        tenant = ctx.headers.get(self.cfg.tenant_header, "") if self.cfg.tenant_header else ""
+        return self.line.push(cls, tenant)
+
+    def _full(self, cls: str) -> Rejected:
+        self._count(cls, "queue_full")
+        return Rejected(429, f"all endpoints of route {self.route!r} are busy and {len(self.line)} requests "
+                             "are waiting; retry later", self.cfg.retry_after)
+
+    def release(self, slot: str | None) -> None:
+        """A request admitted with a slot is over (exactly once). Local slots need nothing:
+        the load view counts every request; a shared line's are given back there."""
 
     async def wait(self, q: Queued) -> Admitted | Rejected:
         w = q.waiter
@@ -126,12 +146,14 @@ class Gate:
                 got = await w.future
         except TimeoutError:
             self.line.pop(w)
+            self._leave(w)
             self._count(w.cls, "timeout")
             self._observe(w)
             return Rejected(503, f"no endpoint of route {self.route!r} freed up within {self.cfg.max_wait:g} s; "
                                  "retry later", self.cfg.retry_after)
         except asyncio.CancelledError:  # the client went away (Envoy reset the stream)
             self.line.pop(w)
+            self._leave(w)
             self._count(w.cls, "client_gone")
             self._settle(w)             # a grant it received but could not use goes to the next
             raise
@@ -144,6 +166,9 @@ class Gate:
             self._settle(w)
 
     # -- releasing ---------------------------------------------------------------------
+    def _leave(self, w: Waiter) -> None:
+        """``w`` gave up (the shared line's entry is dropped in SharedGate)."""
+
     def _settle(self, w: Waiter) -> None:
         if self._granted is w:
             self._granted = None
@@ -156,8 +181,8 @@ class Gate:
     def _poke(self) -> None:
         while self._granted is None:
             w = self.line.head()
-            if w is None:
-                return
+            if w is None or w.member in self._members:
+                return  # nobody, or the shared line decides for this one
             roomy = self.roomy(self._cands)
             if not roomy:
                 return

@@ -11,7 +11,7 @@ from collections import OrderedDict, deque
 
 
 class Waiter:
-    __slots__ = ("cls", "rank", "tenant", "arrived", "future", "seq", "gone")
+    __slots__ = ("cls", "rank", "tenant", "arrived", "future", "seq", "gone", "member")
 
     def __init__(self, cls: str, rank: int, tenant: str, seq: int) -> None:
         self.cls = cls
@@ -21,6 +21,7 @@ class Waiter:
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
         self.seq = seq
         self.gone = False        # left the line (granted, timed out, client gone)
+        self.member: str | None = None   # its entry in a shared (Redis) line
 
 
 class Line:

@@ -24,7 +24,7 @@ class BodyError(ValueError):
 class RequestContext:
     __slots__ = ("route", "_header_map", "_headers", "body", "body_complete", "_json", "endpoint", "cluster",
                  "status", "response_complete", "started", "first_byte_at", "policy_state", "policy", "outcome",
-                 "prompt_tokens", "tickets", "watch")
+                 "prompt_tokens", "tickets", "watch", "gate_slot")
 
     def __init__(self, route: str, headers: dict[str, str] | None = None, header_map: Any = None) -> None:
         self.route = route
@@ -45,6 +45,7 @@ class RequestContext:
         self.prompt_tokens = 0          # the policy's estimate of the prompt size (assumed load)
         self.tickets: tuple = ()        # the load view's tickets of the endpoints this request occupies
         self.watch: Any = None          # a first-token detector when the response is watched for TTFT
+        self.gate_slot: Any = None      # (gate, slot) of a shared queue's slot, given back at the end
 
     @property
     def headers(self) -> dict[str, str]:

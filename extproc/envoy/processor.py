@@ -123,9 +123,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         if not candidates and rt.by_endpoint:
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
             return self.answers.passthrough(phase, _mode(rt, ctx) if phase == "headers" else None)
-        gate, waiter = rt.gate, None
+        gate, waiter, slot = rt.gate, None, None
         if gate is not None:  # the route's queue: admitted now, held until there is room, or shed
-            a = gate.admit(ctx, candidates)
+            a = await gate.admit(ctx, candidates)
             if isinstance(a, Queued):
                 waiter = a.waiter
                 await self._hold(stream, a.max_wait)
@@ -133,10 +133,15 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             if isinstance(a, Rejected):
                 self.telemetry.rejected(ctx.route, rt.policy_name, a.status, _perf() - t0)
                 return self.answers.reject(a.status, a.message, a.retry_after)
-            candidates = a.candidates
+            candidates, slot = a.candidates, a.slot
         try:
             return await self._pick(ctx, rt, phase, stream, candidates, t0)
         finally:
+            if slot is not None:
+                if ctx.endpoint is not None:
+                    ctx.gate_slot = (gate, slot)  # given back when the request ends
+                else:
+                    gate.release(slot)            # admitted, then not routed there
             if waiter is not None:
                 gate.settled(waiter)  # counted (or decided otherwise): the next waiter may go
 
@@ -219,6 +224,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         return self.answers.response_body
 
     def _done(self, ctx: RequestContext) -> None:
+        if ctx.gate_slot is not None:
+            gate, slot = ctx.gate_slot
+            ctx.gate_slot = None
+            gate.release(slot)
         if ctx.tickets:
             # Upstream status when seen; a stream that ended without one says nothing about
             # the endpoint (client abort, our own error). Only the destination answered.

@@ -4,60 +4,26 @@ three simulated vLLM servers."""
 from __future__ import annotations
 
 import threading
-import urllib.error
 import time
 
 import pytest
-import redis
 
 import harness as h
 from extproc.state.redis_counts import pool_keys
-from aibench.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 CHAT = "/v1/chat/completions"
 POOL = "llm|llm_backends"
 
 
-class TwoGateways:
-    def __init__(self, tmp):
-        self.tmp = tmp
-        self.backends = h.free_ports(3)
-        self.redis = RedisServer(tmp).start()
-        self.sim = h.start_sim(tmp, self.backends, "--model", "sim-model", "--time-scale", "0.02",
-                               "--max-model-len", "1000000", "--admin-port", "-1", name="sim-glr")
-        self.gws = []
-        for i in range(2):
-            listen, admin, grpc, metrics = h.free_ports(4)
-            d = tmp / f"gw{i}"
-            d.mkdir()
-            env = h.start_envoy(d, h.EnvoyPorts(listen, admin, grpc), self.backends)
-            self.gws.append({"dir": d, "listen": listen, "admin": admin, "grpc": grpc, "metrics": metrics, "envoy": env, "ai": None})
-        for g in self.gws:
-            h.wait_cluster_healthy(g["admin"], "llm_backends", 3)
-        self.r = redis.Redis(port=self.redis.port)
-
+class TwoGateways(h.TwoGateways):
     def start_ai_lb(self, i, lease_ttl=10.0):
-        g = self.gws[i]
-        cfg = h.write_ai_lb_config(g["dir"] / "ai-lb.yaml", g["grpc"], g["metrics"], {
-            "llm": {"lb_policy": "global_least_request", "lb_config": {"lease_ttl": lease_ttl, "timeout": 50},
-                    "endpoints": {"cluster": "llm_backends"}}}, envoy_admin_port=g["admin"], store=self.redis.url)
-        g["ai"] = h.start_ai_lb(g["dir"], cfg, g["grpc"], name=f"ai-lb-{i}")
-        time.sleep(0.6)  # discovery
-
-    def url(self, i):
-        return f"http://127.0.0.1:{self.gws[i]['listen']}{CHAT}"
+        super().start_ai_lb(i, {"llm": {"lb_policy": "global_least_request",
+                                        "lb_config": {"lease_ttl": lease_ttl, "timeout": 50},
+                                        "endpoints": {"cluster": "llm_backends"}}})
 
     def totals(self):
         return {k.decode(): int(v) for k, v in self.r.hgetall(pool_keys(POOL)[0]).items()}
-
-    def stop(self):
-        for g in self.gws:
-            if g["ai"]:
-                g["ai"].stop()
-            g["envoy"].stop()
-        self.sim.stop()
-        self.redis.kill()
 
 
 @pytest.fixture(scope="module")

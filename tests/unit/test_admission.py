@@ -47,8 +47,8 @@ async def test_held_until_an_endpoint_frees_then_released_in_order_one_at_a_time
     v = LoadView()
     g = gate(v, class_header="x-priority")
     busy = [v.begin(e.address) for e in EPS]          # both endpoints at max_inflight 1
-    q1 = g.admit(ctx(x_priority="low"), EPS)
-    q2 = g.admit(ctx(x_priority="high"), EPS)
+    q1 = await g.admit(ctx(x_priority="low"), EPS)
+    q2 = await g.admit(ctx(x_priority="high"), EPS)
     assert isinstance(q1, Queued) and isinstance(q2, Queued) and len(g.line) == 2
     t1, t2 = asyncio.ensure_future(g.wait(q1)), asyncio.ensure_future(g.wait(q2))
     await asyncio.sleep(0)
@@ -70,11 +70,11 @@ async def test_held_until_an_endpoint_frees_then_released_in_order_one_at_a_time
 async def test_newcomers_do_not_pass_the_line_and_room_admits_at_once():
     v = LoadView()
     g = gate(v)
-    assert isinstance(g.admit(ctx(), EPS), Admitted)  # room, nobody waiting
+    assert isinstance(await g.admit(ctx(), EPS), Admitted)  # room, nobody waiting
     held = [v.begin(e.address) for e in EPS]
-    q = g.admit(ctx(), EPS)
+    q = await g.admit(ctx(), EPS)
     v.end(held[0])                                    # room again, but someone waits: they go first
-    assert isinstance(g.admit(ctx(), EPS), Queued)
+    assert isinstance(await g.admit(ctx(), EPS), Queued)
     assert q.waiter.future.done()
 
 
@@ -84,13 +84,13 @@ async def test_full_line_is_429_and_a_long_wait_is_503_and_an_abort_frees_its_pl
     g = gate(v, max_queued=1, max_wait=0.05, retry_after=7)
     for e in EPS:
         v.begin(e.address)
-    q = g.admit(ctx(), EPS)
-    r = g.admit(ctx(), EPS)
+    q = await g.admit(ctx(), EPS)
+    r = await g.admit(ctx(), EPS)
     assert isinstance(r, Rejected) and r.status == 429 and r.retry_after == 7
     r = await g.wait(q)
     assert isinstance(r, Rejected) and r.status == 503
     assert len(g.line) == 0 and g.shed == {("normal", "queue_full"): 1, ("normal", "timeout"): 1}
-    q = g.admit(ctx(), EPS)
+    q = await g.admit(ctx(), EPS)
     t = asyncio.ensure_future(g.wait(q))
     await asyncio.sleep(0)
     t.cancel()                                        # the client went away while waiting
@@ -109,7 +109,7 @@ async def test_saturation_by_scraped_queue_kv_and_tokens():
     a, b = EPS[0].address, EPS[1].address
     v.on_scrape(a, EndpointMetrics({"vllm:num_requests_waiting": 2, "vllm:kv_cache_usage_perc": 0.1}))
     v.on_scrape(b, EndpointMetrics({"vllm:num_requests_waiting": 0, "vllm:kv_cache_usage_perc": 0.95}))
-    assert isinstance(g.admit(ctx(), EPS), Queued)    # a: queue 2, b: KV 0.95 -> both full
+    assert isinstance(await g.admit(ctx(), EPS), Queued)    # a: queue 2, b: KV 0.95 -> both full
     v.on_scrape(b, EndpointMetrics({"vllm:num_requests_waiting": 0, "vllm:kv_cache_usage_perc": 0.5}))
     assert [e.address for e in g.roomy(EPS)] == [b]
     v.begin(b, tokens=1000)                           # tokens in flight reach the limit
@@ -125,6 +125,86 @@ async def test_class_from_the_model_and_close_rejects_waiters():
     assert g.class_of(c) == "low" and g.class_of(ctx()) == "normal"
     for e in EPS:
         v.begin(e.address)
-    q = g.admit(ctx(), EPS)
+    q = await g.admit(ctx(), EPS)
     g.close()
     assert isinstance(await g.wait(q), Rejected)
+
+
+# -- one line across replicas (a real redis-server) ----------------------------------------
+from aibench.redis_server import RedisServer  # noqa: E402
+from extproc.admission.redis_line import RedisLine  # noqa: E402
+from extproc.admission.shared_gate import SharedGate  # noqa: E402
+from extproc.state.redis_conn import RedisConn  # noqa: E402
+from extproc.state.redis_counts import RedisCounts  # noqa: E402
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    srv = RedisServer(tmp_path).start()
+    yield srv
+    srv.kill()
+
+
+def replica(url, inst, **q):
+    counts = RedisCounts(RedisConn(url, 0.2, cooldown=0.3), instance=inst)
+    cfg = QueueConfig(saturation=SaturationConfig(max_inflight=1), **q)
+    g = SharedGate("r", cfg, LoadView(), RedisLine(counts, "r|static"))
+    g.on_candidates(EPS)
+    return g
+
+
+@pytest.mark.asyncio
+async def test_two_replicas_keep_one_order_and_never_give_a_slot_twice(redis_url):
+    a, b = replica(redis_url.url, "A"), replica(redis_url.url, "B")
+    await a.start(), await b.start()
+    try:
+        got = [await a.admit(ctx(), EPS), await b.admit(ctx(), EPS)]   # both endpoints taken, one each
+        assert all(isinstance(x, Admitted) for x in got) and {x.slot for x in got} == {e.address for e in EPS}
+        qa = await a.admit(ctx(), EPS)                 # queued first, on replica A
+        await asyncio.sleep(0.01)
+        qb = await b.admit(ctx(), EPS)                 # queued later, on replica B
+        assert isinstance(qa, Queued) and isinstance(qb, Queued)
+        ta, tb = asyncio.ensure_future(a.wait(qa)), asyncio.ensure_future(b.wait(qb))
+        await asyncio.sleep(0.1)
+        b.release(got[1].slot)                         # a slot frees on B's side ...
+        await asyncio.sleep(0.2)
+        assert ta.done() and not tb.done()             # ... and goes to the older request, on A
+        a.release(got[0].slot)
+        await asyncio.sleep(0.2)
+        assert tb.done()
+        slots = {ta.result().slot, tb.result().slot}
+        assert slots == {e.address for e in EPS}       # each endpoint's one slot given once
+        a.release(ta.result().slot), b.release(tb.result().slot)
+        await asyncio.sleep(0.1)
+        # A burst from both replicas at once: at most one request per endpoint is admitted.
+        burst = await asyncio.gather(*([a.admit(ctx(), EPS) for _ in range(10)] + [b.admit(ctx(), EPS) for _ in range(10)]))
+        assert sum(isinstance(x, Admitted) for x in burst) == 2
+    finally:
+        a.close(), b.close()
+        await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_redis_down_the_replica_queues_locally_and_keeps_serving(redis_url):
+    a = replica(redis_url.url, "A", max_wait=2)
+    await a.start()
+    try:
+        redis_url.kill()
+        x = await a.admit(ctx(), EPS)                  # degraded: the local view decides
+        assert isinstance(x, Admitted) and x.slot is None
+        for e in EPS:
+            a.view.begin(e.address)
+        q = await a.admit(ctx(), EPS)
+        assert isinstance(q, Queued)
+        t = asyncio.ensure_future(a.wait(q))
+        await asyncio.sleep(0.01)
+        a.view.end(a.view.begin(EPS[0].address))      # a change on the endpoint's load ...
+        r = a.view.record(EPS[0].address)
+        for tk in list(r.pending):                     # ... that frees it
+            a.view.end(tk)
+        await asyncio.sleep(0.05)
+        assert t.done() and isinstance(t.result(), Admitted)
+        assert a.degraded["normal"] >= 2 and not a.shed
+    finally:
+        a.close()
+        await asyncio.sleep(0)
