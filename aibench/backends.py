@@ -248,17 +248,42 @@ class SimFleet:
         self.model = model
         self.proc = None
         self.addresses = [f"127.0.0.1:{p}" for p in self.ports]
+        self.kv_base = self.replay_base = 0
 
-    def start(self) -> Backends:
-        from .devstack import start_sim
+    def start(self, kv_events: bool = False) -> Backends:
+        """Start the fleet; with ``kv_events`` every server publishes vLLM's KV-cache events
+        (``--kv-events-config``): server i connects out to ``kv_base + i`` and binds its
+        replay ROUTER on ``replay_base + i`` (see ``kv_lb_config``)."""
+        import json
+
+        from .devstack import free_port_range, start_sim
 
         self.stop()
+        extra: list[str] = []
+        if kv_events:
+            n = len(self.ports)
+            self.kv_base = free_port_range(n, avoid=self.ports)
+            self.replay_base = free_port_range(n, avoid=[*self.ports, *range(self.kv_base, self.kv_base + n)])
+            extra = ["--kv-events-config", json.dumps({
+                "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{self.kv_base}",
+                "replay_endpoint": f"tcp://127.0.0.1:{self.replay_base}", "topic": "kv@{host}:{port}"})]
         self.proc = start_sim(self.workdir, self.ports, "--model", self.model, "--admin-port", "-1", *self.args,
-                              name="sim")
+                              *extra, name="sim")
         return Backends(list(self.addresses), self.model, pids={"sim": self.proc.p.pid})
 
-    def prepare(self) -> tuple[Backends, dict]:
-        return self.start(), {"state": "fresh", "how": "simulator restarted"}
+    def prepare(self, kv_events: bool = False) -> tuple[Backends, dict]:
+        return self.start(kv_events), {"state": "fresh", "how": "simulator restarted"}
+
+    def kv_lb_config(self) -> dict:
+        """A KV-events route's lb_config for this fleet as last started with ``kv_events``:
+        the simulator's tokenizer, and per backend where ai-lb binds for its events and
+        where its replay endpoint is."""
+        import vllmsim
+
+        return {"tokenizer": str(vllmsim.MODEL_DIR), "kv_events": {
+            "endpoint": "tcp://127.0.0.1:{port}", "bind": True,
+            "endpoints": {a: f"tcp://127.0.0.1:{self.kv_base + i}" for i, a in enumerate(self.addresses)},
+            "replay_endpoints": {a: f"tcp://127.0.0.1:{self.replay_base + i}" for i, a in enumerate(self.addresses)}}}
 
     def stop(self) -> None:
         if self.proc:
@@ -282,7 +307,9 @@ class UserFleet:
         return Backends(list(self.addresses), self.model or "", pids={"backends": sorted(set(pids.values()))}
                         if pids else {})
 
-    def prepare(self) -> tuple[Backends, dict]:
+    def prepare(self, kv_events: bool = False) -> tuple[Backends, dict]:
+        """``kv_events`` is the servers' own setting here: a KV-events route names their
+        publishers in ``--ai-lb-config``."""
         b = self.start()
         return b, asyncio.run(_reset_all(self.addresses, self.methods, self.reset_timeout))
 

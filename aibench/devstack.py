@@ -31,7 +31,7 @@ PY = sys.executable
 EXTRA_PYTHONPATH: list[str] = []  # e.g. the tests' plugin folder
 
 __all__ = ["ENVOY_YAML", "PY", "EXTRA_PYTHONPATH", "EnvoyPorts", "Proc", "envoy_binary", "envoy_host_health",
-           "free_ports", "http_get", "render_envoy", "spawn", "start_ai_lb", "start_envoy", "start_sim",
+           "free_port_range", "free_ports", "http_get", "render_envoy", "spawn", "start_ai_lb", "start_envoy", "start_sim",
            "wait_cluster_healthy", "wait_port", "write_ai_lb_config"]
 
 
@@ -77,6 +77,31 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def free_port_range(n: int, avoid: Iterable[int] = (), tries: int = 200) -> int:
+    """A first port P such that P..P+n-1 are all free on 127.0.0.1 now (for a simulator
+    that offsets an endpoint's port by its server index, as vLLM does per rank)."""
+    import random
+
+    avoid = set(avoid)
+    for _ in range(tries):
+        base = random.randint(20000, 60000 - n)
+        if avoid.intersection(range(base, base + n)):
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 def wait_port(port: int, timeout: float = 15.0, proc: "Proc | None" = None) -> None:

@@ -131,11 +131,19 @@ def run_one(spec: str, load: float | None, rate: float, plan: Plan, fleet) -> di
                              "status": "ok", "notes": []}
     system = None
     try:
-        backends, entry["cache"] = fleet.prepare()
+        events = spec.startswith("ai-lb:") and catalog.parse_ai_lb(spec)[0] in catalog.KV_EVENTS_POLICIES
+        backends, entry["cache"] = fleet.prepare(kv_events=events)
         if entry["cache"]["state"] != "fresh" and entry["cache"].get("failed"):
             entry["notes"].append("prefix caches not reset on " + ", ".join(
                 f"{a} ({why})" for a, why in entry["cache"]["failed"].items()))
-        system = catalog.make_system(spec, plan.store, plan.ai_lb_overrides)
+        overrides = plan.ai_lb_overrides
+        if events and isinstance(fleet, bk.SimFleet):
+            pol = catalog.parse_ai_lb(spec)[0]
+            overrides = {**overrides, pol: {**fleet.kv_lb_config(), **overrides.get(pol, {})}}
+        elif events and "kv_events" not in overrides.get(catalog.parse_ai_lb(spec)[0], {}) and "kv_events" not in spec:
+            raise ValueError("a KV-events policy on --backend-urls needs their publishers: give kv_events "
+                             "(and tokenizer) for it in --ai-lb-config (docs/policies/precise_prefix.md)")
+        system = catalog.make_system(spec, plan.store, overrides)
         logs = plan.out / "logs" / re.sub(r"[^A-Za-z0-9_.=-]+", "-", spec).strip("-")[:80]
         url = system.start(backends, logs / f"load{load if load is not None else rate:g}")
         c0, s0 = bk.counters(backends.addresses), system.served_counts()

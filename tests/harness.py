@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pathlib import Path
 
@@ -51,6 +51,18 @@ class LoadResult:
     @property
     def failed(self) -> int:
         return sum(n for s, n in self.statuses.items() if s != 200) + len(self.errors)
+
+
+def eventually(probe: Callable[[], Any], want: Any, timeout: float = 5.0) -> Any:
+    """Poll ``probe`` until it returns ``want`` (bounded); returns the last value seen. For
+    state that settles just after a response: Envoy ends the ext_proc stream (and ai-lb
+    releases the request) a moment after the client has its last byte."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
 
 
 def chat_body(prompt: str = "hello", max_tokens: int = 4, stream: bool = False, model: str = "sim-model") -> dict:

@@ -31,7 +31,12 @@ AI_LB_POLICIES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("prefix_cache", {}),
     ("cache_aware", {}),
     ("estimated_ttft", {}),
+    ("precise_prefix_cache", {}),  # simulated fleets get their KV-event endpoints filled in
 )
+# Policies that read the engines' KV-cache events: a simulated fleet is started with vLLM's
+# --kv-events-config and the route told where each backend's events arrive (SimFleet.kv_lb_config);
+# on --backend-urls the operator names them in --ai-lb-config.
+KV_EVENTS_POLICIES = ("precise_prefix_cache",)
 # Registered policies left out of the default run, and why.
 AI_LB_NOT_DEFAULT = {
     "random": "uniform random: round robin's expectation with more variance",

@@ -71,6 +71,7 @@ BUILTIN = (
     "least_kv_cache",
     "cache_aware",
     "estimated_ttft",
+    "precise_prefix_cache",
 )
 
 

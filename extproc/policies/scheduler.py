@@ -159,6 +159,10 @@ class ScheduledPolicy(Policy):
         if self.scraper is not None:
             self.scraper.close()
         self.scheduler.close()
+        for p in self.profile.plugins:   # plugins that follow endpoints (KV-event subscriptions) let go
+            close = getattr(p, "close", None)
+            if close is not None:
+                close()
 
 
 @dataclass(frozen=True)

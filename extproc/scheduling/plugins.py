@@ -129,7 +129,8 @@ class PickerSpec:
 
 BUILTIN = {
     "filter": ("healthy", "fresh_metrics", "queue_below", "kv_room", "band", "pick_share", "higress_chain"),
-    "scorer": ("requests", "tokens", "queue", "kv_cache", "fd_metrics", "load", "prefix", "estimated_ttft"),
+    "scorer": ("requests", "tokens", "queue", "kv_cache", "fd_metrics", "load", "prefix", "estimated_ttft",
+               "precise_prefix"),
     "picker": ("max_score", "weighted_random", "top_k", "near_ties"),
 }
 

@@ -10,6 +10,8 @@ benchmarks that run several gateways in turn get separate state.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from .block_index import BlockIndex
 from .counts import GlobalCounts, LocalCounts
 from .inflight import LocalInflight
@@ -28,6 +30,7 @@ class StateStores:
         self._counts: dict[tuple[str, float], GlobalCounts] = {}
         self._local_prefix: dict[int, MemoryPrefixIndex] = {}
         self._block: dict[tuple, BlockIndex] = {}
+        self._shared: dict[tuple, Any] = {}
 
     def count(self, store: str, event: str) -> None:
         k = (store, event)
@@ -72,7 +75,23 @@ class StateStores:
             idx = self._block[key] = BlockIndex(max_blocks, ttl)
         return idx
 
+    def shared(self, key: tuple, factory: Callable[[], Any]) -> Any:
+        """One object per ``key`` for this gateway, made by ``factory`` on first use and kept
+        across reloads (e.g. the KV-event subscribers: a port can be bound once). Objects
+        with a ``close()`` are closed with the stores."""
+        obj = self._shared.get(key)
+        if obj is None:
+            obj = self._shared[key] = factory()
+        return obj
+
     async def close(self) -> None:
+        for obj in self._shared.values():
+            close = getattr(obj, "close", None)
+            if close is not None:
+                r = close()
+                if hasattr(r, "__await__"):
+                    await r
+        self._shared.clear()
         for c in self._conns.values():
             await c.close()
         self._conns.clear()

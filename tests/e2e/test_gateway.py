@@ -229,4 +229,4 @@ def test_long_stream_holds_its_in_flight_count_until_the_end(gw):
     elapsed = time.monotonic() - t0
     assert res.failed == 0 and elapsed > 1.5, (res.statuses, elapsed)
     assert all(n == 1 for ts, n in samples if 0.3 < ts < elapsed - 0.4), samples
-    assert h.metric_value(gw.metrics(), "ai_lb_inflight_requests") == 0
+    assert h.eventually(lambda: h.metric_value(gw.metrics(), "ai_lb_inflight_requests"), 0) == 0
