@@ -129,6 +129,11 @@ class ScheduledPolicy(Policy):
         if self.notes:
             ctx.policy_state = {}  # plugins note what the decision used (for a TTFT sample, the request's end)
         c, snap = self.scheduler.run(ctx, candidates)
+        if c is not None:
+            if self.profile.counts_tokens:
+                ctx.prompt_tokens = snap.prompt_tokens
+            for p in self.profile.plugins:
+                p.picked(snap, c)   # may count events too: merged below with the rest
         if snap.events:
             st = self.stats
             for k, n in snap.events.items():
@@ -137,10 +142,6 @@ class ScheduledPolicy(Policy):
         if c is None:
             self.stats[self.fallback_reason] = self.stats.get(self.fallback_reason, 0) + 1
             return Fallback(self.fallback_reason)
-        if self.profile.counts_tokens:
-            ctx.prompt_tokens = snap.prompt_tokens
-        for p in self.profile.plugins:
-            p.picked(snap, c)
         return c.endpoint
 
     def on_first_token(self, ctx, ttft: float) -> None:

@@ -168,9 +168,21 @@ class LoadView:
         else:
             r.ended_since_scrape += 1
         ticket.state = ENDED
+        self._compact(r)
         if status is not None:
             self._outcome(r, status)
         self._changed(r)
+
+    @staticmethod
+    def _compact(r: EndpointLoad) -> None:
+        """Drop ended tickets from ``pending`` (a scrape would only skip them): from the
+        left at once, and all of them when ended ones pile up behind a long request, so
+        the deque stays bounded by the requests in flight even with no scrapes at all."""
+        p = r.pending
+        while p and p[0].state == ENDED:
+            p.popleft()
+        if len(p) > 2 * r.requests + 64:
+            r.pending = deque(t for t in p if t.state != ENDED)
 
     def _unassume(self, r: EndpointLoad, t: Ticket) -> None:
         r.assumed_requests -= 1

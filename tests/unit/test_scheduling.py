@@ -293,3 +293,23 @@ def test_fastdeploy_key_names_are_accepted():
     with pytest.raises(ConfigError, match="given twice"):
         parse_config("routes: {r: {lb_policy: fd_metrics_score, lb_config: {waiting-weight: 3, waiting_weight: 4}, "
                      "endpoints: {static: ['1.2.3.4:1']}}}")
+
+
+def test_events_a_plugin_counts_when_told_of_the_pick_reach_the_policys_stats():
+    from extproc.scheduling import plugins
+    from extproc.scheduling.framework import Scorer
+
+    @plugins.register
+    class CountsOnPick(Scorer):
+        name = "test_counts_on_pick"
+
+        def score(self, snap, cands):
+            snap.count("scored")
+            return [1.0] * len(cands)
+
+        def picked(self, snap, chosen):
+            snap.count("picked_note")
+
+    p = make("scheduler", scorers=[{"name": "test_counts_on_pick"}])
+    route_many(p, 3)
+    assert (p.stats.get("scored"), p.stats.get("picked_note")) == (3, 3)
