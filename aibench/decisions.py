@@ -6,6 +6,7 @@ the HTTP/2 transport (see ``aibench.overhead`` for that). Redis is a real redis-
 loopback, started here.
 
     python -m aibench.decisions [--seconds 1.5] [--policies a,b] [--endpoints 8,1000] [--stores memory]
+    python -m aibench.decisions --tree-memory 1000000   # the block tree's bytes per node
 """
 
 from __future__ import annotations
@@ -128,14 +129,36 @@ async def measure(policy: str, store: str, n_eps: int, seconds: float) -> list[f
     return lat
 
 
+def tree_memory(nodes: int) -> None:
+    """The block tree's memory (cache_aware, estimated_ttft): ``nodes`` chain keys spread
+    over 4 endpoints, 1,000-block chains, as tracemalloc counts it."""
+    import tracemalloc
+
+    from extproc.state.block_index import BlockIndex
+
+    tracemalloc.start()
+    idx = BlockIndex(max_blocks=nodes)
+    for i in range(0, nodes, 1000):
+        idx.record(range(i * 7919, i * 7919 + 1000), f"10.0.0.{i % 4}:8000")
+    used, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"block tree: {len(idx):,} nodes, {used / 2**20:.0f} MiB traced, "
+          f"{used / len(idx):.0f} bytes per node ({used / len(idx) * 1e6 / 2**20:.0f} MiB per million)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--tree-memory", type=int, default=0, metavar="NODES",
+                    help="only measure the block tree's memory with this many nodes (e.g. 1000000)")
     ap.add_argument("--seconds", type=float, default=1.5)
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--endpoints", default="8,64,512,1000")
     ap.add_argument("--stores", default="memory,redis")
     ap.add_argument("--body-kb", type=int, default=0, help="one long prompt of this many KB (e.g. 220)")
     a = ap.parse_args()
+    if a.tree_memory:
+        tree_memory(a.tree_memory)
+        return 0
     global BODY_KB
     BODY_KB = a.body_kb
     srv = RedisServer(Path(tempfile.mkdtemp())).start()
