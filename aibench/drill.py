@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import devstack as ds
+from .demo_stack import wait_until
 from .redis_server import RedisServer
 
 CHAT = "/v1/chat/completions"
@@ -119,8 +120,10 @@ class Drills:
     def start_ai_lb(self) -> None:
         self.ai_lb = ds.start_ai_lb(self.tmp, self.config, self.ports.ai_lb)
         self.procs.append(self.ai_lb)
-        _until(lambda: all(ds.envoy_host_health(self.ports.admin, "ai_lb").values() or [False]), 15)
-        _until(lambda: self.metric("ai_lb_route_endpoints", state="healthy") >= 3, 15)
+        wait_until(lambda: all(ds.envoy_host_health(self.ports.admin, "ai_lb").values() or [False]), 15,
+                   "Envoy does not see ai-lb healthy")
+        wait_until(lambda: self.metric("ai_lb_route_endpoints", state="healthy") >= 3, 15,
+                   "ai-lb does not see 3 healthy endpoints")
 
     def close(self) -> None:
         for p in reversed(self.procs):
@@ -232,18 +235,6 @@ class Drills:
                 break
             time.sleep(0.01)
         return n
-
-
-def _until(cond, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("stack did not come up")
 
 
 def verdict(r: dict) -> tuple[bool, str]:

@@ -7,13 +7,13 @@ import asyncio
 import json
 import types
 
-import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 import plugins.model_pin  # noqa: F401,E402 - registers test_model_pin
+from proc_stream import Stream  # noqa: E402
 
 from extproc.envoy.duplex import CHUNK  # noqa: E402
 from extproc.envoy.processor import Processor  # noqa: E402
@@ -31,21 +31,6 @@ routes:
   one: {{lb_policy: round_robin, fallback_endpoints: 0, endpoints: {{static: {json.dumps(EPS)}}}}}
 """
 
-
-class Stream:
-    def __init__(self, msgs, hold=False):
-        self.msgs, self.out, self.hold = list(msgs), [], asyncio.Event()
-        if not hold:
-            self.hold.set()
-
-    async def read(self):
-        if self.msgs:
-            return self.msgs.pop(0)
-        await self.hold.wait()
-        return grpc.aio.EOF
-
-    async def write(self, m):
-        self.out.append(m)
 
 
 def headers_msg(route, eos=False):

@@ -7,39 +7,19 @@ gRPC stream; the same paths run through a real Envoy in tests/e2e.
 import asyncio
 import json
 
-import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 import plugins.model_pin  # noqa: F401 - registers test_model_pin
+from proc_stream import Stream
 from extproc.runtime import parse_config
 from extproc.envoy.answers import DEST_HEADER, DEST_METADATA_NS
 from extproc.policies import Policy, registry
 from extproc.envoy.processor import Processor
 from extproc.runtime import Runtime
 from extproc.telemetry import Telemetry
-
-
-class Stream:
-    """Feeds requests to the handler; ``hold`` keeps the stream open until released."""
-
-    def __init__(self, msgs, hold=False):
-        self.msgs = list(msgs)
-        self.out = []
-        self.hold = asyncio.Event()
-        if not hold:
-            self.hold.set()
-
-    async def read(self):
-        if self.msgs:
-            return self.msgs.pop(0)
-        await self.hold.wait()
-        return grpc.aio.EOF
-
-    async def write(self, m):
-        self.out.append(m)
 
 
 def headers_msg(route="llm", eos=False, **hdrs):

@@ -13,14 +13,13 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import hpack
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from attack_server import LIMITS  # noqa: E402
+from health import health_ok  # noqa: E402
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -60,16 +59,6 @@ def rss_mb(pid):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
 
-
-def health_ok(port, timeout=2.0):
-    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        return r.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
-    finally:
-        ch.close()
 
 
 class Conn:

@@ -12,6 +12,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from health import health_ok
+
 from extproc.transport import EOF, PREFACE, GrpcError, GrpcServer, frame
 
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -298,16 +300,6 @@ def _serve_in_thread():
     return box
 
 
-def _health_ok(port: int, timeout: float) -> bool:
-    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        return r.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
-    finally:
-        ch.close()
-
 
 def test_settings_max_frame_size_zero_is_a_protocol_error_not_a_wedged_server():
     """Regression: SETTINGS_MAX_FRAME_SIZE=0 (RFC 9113 requires 2^14..2^24-1) once made the
@@ -329,12 +321,12 @@ def test_settings_max_frame_size_zero_is_a_protocol_error_not_a_wedged_server():
     assert int.from_bytes(goaway[0][3][4:8], "big") == 0x1  # PROTOCOL_ERROR
     assert not any(f[0] == 0 and not f[3] for f in frames)  # no empty DATA frames
     # The server still answers on another connection, promptly.
-    assert _health_ok(port, timeout=2.0)
+    assert health_ok(port, timeout=2.0)
     # Out-of-range the other way (> 2^24-1) is refused too.
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(PREFACE + frame(4, 0, 0, struct.pack(">HI", 5, 1 << 24)))
     frames = _read_frames(s, want_end_stream=-1, timeout=3.0)
     s.close()
     assert any(f[0] == 7 and int.from_bytes(f[3][4:8], "big") == 0x1 for f in frames)
-    assert _health_ok(port, timeout=2.0)
+    assert health_ok(port, timeout=2.0)
     box["loop"].call_soon_threadsafe(box["loop"].stop)
