@@ -43,6 +43,7 @@ AI_LB_NOT_DEFAULT = {
     "metrics_based": "an alias of endpoint_metrics",
     "scheduler": "the framework itself: a composition given in lb_config (use ai-lb:scheduler{...})",
     "cluster_metrics": "chooses Envoy clusters, not endpoints (lb_type: cluster)",
+    "pd": "prefill/decode needs a fleet split by role and a sidecar per decode server: the ai-lb-pd system",
 }
 PEERS = {
     "envoy-rr": "the reference Envoy, its own round robin (no ext_proc)",
