@@ -117,6 +117,13 @@ def _pd_round_trip(pd: PD, url: str, stream: bool, tag: str, headers: dict | Non
     assert d1["kv_transfers"]["recomputed"] == d0["kv_transfers"]["recomputed"]
     assert p1["kv_transfers"]["pulled"] == p0["kv_transfers"]["pulled"] + 1
     assert p1["prompt_tokens_by_source"]["local_compute"] > p0["prompt_tokens_by_source"]["local_compute"] + 400
+    # Both endpoints were counted in flight, and both released once the response ended.
+    inflight = lambda: {a: h.metric_value(h.metrics_text(pd.metrics_port), "ai_lb_inflight_requests", endpoint=a)
+                        for a in (pd.addr(pd.p), pd.addr(pd.sidecar_port))}  # noqa: E731
+    assert h.eventually(inflight, {pd.addr(pd.p): 0.0, pd.addr(pd.sidecar_port): 0.0}) == \
+        {pd.addr(pd.p): 0.0, pd.addr(pd.sidecar_port): 0.0}
+    text = h.metrics_text(pd.metrics_port)  # (a gauge sample exists once an endpoint was counted)
+    assert all(f'ai_lb_inflight_requests{{endpoint="{a}"}}' in text for a in (pd.addr(pd.p), pd.addr(pd.sidecar_port)))
 
 
 @pytest.mark.parametrize("stream", [False, True])
