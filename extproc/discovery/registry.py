@@ -57,10 +57,21 @@ class Rejected(Exception):
         self.msg = msg
 
 
+class RegistryMetrics:
+    """The registry's metrics, made once per process (a reload's new source reuses them)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = registry or CollectorRegistry()
+        self.events = Counter("ai_lb_registry_events", "Registration API and health-check events: registered, "
+                              "rejected_<reason>, unhealthy, healthy, removed.", ["event"], registry=reg)
+        self.gauge = Gauge("ai_lb_registered_instances", "Registered instances by role and health.",
+                           ["role", "state"], registry=reg)
+
+
 class RegistrySource:
     def __init__(self, cfg: RegistrationConfig, store: RegistryStore, directory: EndpointDirectory,
                  on_change: Callable[[], None], poll_interval: float = 1.0,
-                 metrics: CollectorRegistry | None = None) -> None:
+                 metrics: RegistryMetrics | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.directory = directory
@@ -72,11 +83,8 @@ class RegistrySource:
         self._tasks: list[asyncio.Task] = []
         self._session: Any = None
         self._lock = asyncio.Lock()  # registrations and store polls apply one at a time
-        reg = metrics or CollectorRegistry()
-        self.events = Counter("ai_lb_registry_events", "Registration API and health-check events: registered, "
-                              "rejected_<reason>, unhealthy, healthy, removed.", ["event"], registry=reg)
-        self.gauge = Gauge("ai_lb_registered_instances", "Registered instances by role and health.",
-                           ["role", "state"], registry=reg)
+        m = metrics or RegistryMetrics()
+        self.events, self.gauge = m.events, m.gauge
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:

@@ -15,7 +15,7 @@ from ..state.registry_store import MemoryRegistry, RedisRegistry
 from .envoy_admin import EnvoyAdminDiscovery
 from .kubernetes import KubernetesDiscovery
 from .register_api import RegisterApi
-from .registry import RegistrySource
+from .registry import RegistryMetrics, RegistrySource
 
 log = logging.getLogger("ai_lb.discovery")
 
@@ -32,6 +32,7 @@ class EndpointSources:
         self.on_change = on_change
         self.stores = stores      # the gateway's StateStores (the registry's Redis connection)
         self.metrics = metrics    # the CollectorRegistry the registry's metrics join
+        self._registry_metrics: RegistryMetrics | None = None
         self.admin: EnvoyAdminDiscovery | None = None
         self.k8s: KubernetesDiscovery | None = None
         self.registry: RegistrySource | None = None
@@ -52,8 +53,10 @@ class EndpointSources:
             store: Any = self._memory_registry
         else:
             store = RedisRegistry(self.stores.connection(url, reg.redis_timeout / 1000.0), reg.key)
+        if self._registry_metrics is None:
+            self._registry_metrics = RegistryMetrics(self.metrics)
         self.registry = RegistrySource(reg, store, self.directory, self.on_change, cfg.server.discovery_interval,
-                                       self.metrics)
+                                       self._registry_metrics)
         await self.registry.start()
         self.api = RegisterApi(self.registry, reg.listen, reg.token())
         try:

@@ -69,3 +69,31 @@ async def test_registered_instances_are_served_and_changes_pushed():
         await st.response(0.1)
     await st.inq.put(grpc.aio.EOF)
     await asyncio.wait_for(task, 1)  # the call ends with Envoy's side
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["native", "grpcio"])
+async def test_the_gateway_serves_eds_on_its_grpc_port_with_both_transports(tmp_path, transport):
+    from envoy.service.endpoint.v3 import eds_pb2_grpc
+
+    from extproc.server import Gateway
+
+    p = tmp_path / "ai-lb.yaml"
+    p.write_text(f"server: {{listen: '127.0.0.1:0', metrics_listen: '127.0.0.1:0', transport: {transport}}}\n"
+                 "registration: {listen: '127.0.0.1:0'}\n"
+                 "routes: {llm: {lb_policy: pd, endpoints: {registered: true}}}\n")
+    gw = Gateway(p)
+    await gw.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as ch:
+            call = eds_pb2_grpc.EndpointDiscoveryServiceStub(ch).StreamEndpoints()
+            await call.write(DiscoveryRequest(type_url=CLA_TYPE, resource_names=["registered"]))
+            assert hosts(await asyncio.wait_for(call.read(), 5)) == {"registered": []}  # nothing registered yet
+            # the registry publishes an instance (as a registration would): Envoy is told at once
+            gw.directory.update_clusters({REGISTERED: (Endpoint("10.9.9.9:8000", True, "decode"),)}, source="registry")
+            gw._discovery_changed()
+            r = await asyncio.wait_for(call.read(), 5)
+            call.cancel()
+        assert hosts(r) == {"registered": [("10.9.9.9:8000", 1)]}
+    finally:
+        await gw.stop()

@@ -237,3 +237,30 @@ async def test_replicas_share_one_registry_through_redis(redis_srv):
             await other.stop()
             for c in conns:
                 await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_reload_that_changes_registration_keeps_the_instances(tmp_path):
+    from extproc.server import Gateway
+
+    async with Backend() as b:
+        p = tmp_path / "ai-lb.yaml"
+        text = ("server: {listen: '127.0.0.1:0', metrics_listen: '127.0.0.1:0', reload_interval: 60}\n"
+                "registration: {listen: '127.0.0.1:0', health-success-threshold: %d}\n"
+                "routes: {llm: {lb_policy: pd, endpoints: {registered: true}}}\n")
+        p.write_text(text % 1)
+        gw = Gateway(p)
+        await gw.start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"http://127.0.0.1:{gw.sources.api.port}/register",
+                                  json={"role": "decode", "host_ip": "127.0.0.1", "port": b.port}) as r:
+                    assert r.status == 200
+                p.write_text(text % 2)
+                assert await gw.reload("test")
+                assert gw.sources.registry.cfg.health_success_threshold == 2  # restarted with the new settings
+                async with s.get(f"http://127.0.0.1:{gw.sources.api.port}/registered_number") as r:
+                    assert await r.json() == {"prefill": 0, "decode": 1, "mixed": 0}
+            assert [e.address for e in gw.runtime.routes["llm"].candidates(gw.directory)] == [f"127.0.0.1:{b.port}"]
+        finally:
+            await gw.stop()
