@@ -130,6 +130,7 @@ def _endpoint(d: Any) -> Endpoint | None:
 class PrefillDecode(Policy):
     name = POLICY_NAME
     Config = PdConfig
+    uses_roles = True
 
     def __init__(self, config: PdConfig, env: PolicyEnv) -> None:
         self._own: dict[str, int] = {}

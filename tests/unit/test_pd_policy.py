@@ -220,3 +220,11 @@ def test_a_pod_declares_its_role_with_llm_d_label():
             "podIP": "10.1.1.1", "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
     assert [pod_endpoint(pod(r), 8000).role for r in ("prefill", "decode", "both", "other")] == \
         ["prefill", "decode", "mixed", ""]
+
+
+@pytest.mark.asyncio
+async def test_other_policies_are_never_offered_a_prefill_server():
+    rt = Runtime()
+    await rt.apply(parse_config(f"routes: {{llm: {{lb_policy: round_robin, endpoints: {{static: ['{D1}'], "
+                                f"roles: {{prefill: ['{P}'], mixed: ['{M}']}}}}}}}}"))
+    assert [e.address for e in rt.routes["llm"].candidates(rt.directory)] == [D1, M]
