@@ -250,10 +250,12 @@ class SimFleet:
         self.addresses = [f"127.0.0.1:{p}" for p in self.ports]
         self.kv_base = self.replay_base = 0
 
-    def start(self, kv_events: bool = False) -> Backends:
+    def start(self, kv_events: bool = False, roles: list[str] | None = None) -> Backends:
         """Start the fleet; with ``kv_events`` every server publishes vLLM's KV-cache events
         (``--kv-events-config``): server i connects out to ``kv_base + i`` and binds its
-        replay ROUTER on ``replay_base + i`` (see ``kv_lb_config``)."""
+        replay ROUTER on ``replay_base + i`` (see ``kv_lb_config``). ``roles`` (one per
+        server: prefill, decode) starts them split for prefill/decode, with vLLM's
+        NixlConnector flow (``--roles``)."""
         import json
 
         from .devstack import free_port_range, start_sim
@@ -267,12 +269,14 @@ class SimFleet:
             extra = ["--kv-events-config", json.dumps({
                 "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{self.kv_base}",
                 "replay_endpoint": f"tcp://127.0.0.1:{self.replay_base}", "topic": "kv@{host}:{port}"})]
+        if roles:
+            extra += ["--roles", ",".join(roles)]
         self.proc = start_sim(self.workdir, self.ports, "--model", self.model, "--admin-port", "-1", *self.args,
                               *extra, name="sim")
-        return Backends(list(self.addresses), self.model, pids={"sim": self.proc.p.pid})
+        return Backends(list(self.addresses), self.model, pids={"sim": self.proc.p.pid}, roles=list(roles or []))
 
-    def prepare(self, kv_events: bool = False) -> tuple[Backends, dict]:
-        return self.start(kv_events), {"state": "fresh", "how": "simulator restarted"}
+    def prepare(self, kv_events: bool = False, roles: list[str] | None = None) -> tuple[Backends, dict]:
+        return self.start(kv_events, roles), {"state": "fresh", "how": "simulator restarted"}
 
     def kv_lb_config(self) -> dict:
         """A KV-events route's lb_config for this fleet as last started with ``kv_events``:
@@ -307,9 +311,12 @@ class UserFleet:
         return Backends(list(self.addresses), self.model or "", pids={"backends": sorted(set(pids.values()))}
                         if pids else {})
 
-    def prepare(self, kv_events: bool = False) -> tuple[Backends, dict]:
+    def prepare(self, kv_events: bool = False, roles: list[str] | None = None) -> tuple[Backends, dict]:
         """``kv_events`` is the servers' own setting here: a KV-events route names their
-        publishers in ``--ai-lb-config``."""
+        publishers in ``--ai-lb-config``. Split roles need simulated servers."""
+        if roles:
+            raise ValueError("a prefill/decode system (ai-lb-pd) needs simulated backends: your servers' roles "
+                             "are theirs (run it without --backend-urls)")
         b = self.start()
         return b, asyncio.run(_reset_all(self.addresses, self.methods, self.reset_timeout))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HEADER = ("| system | load | status | ok / sent (planned) | failed, by status | TTFT p50 / p90 (ms) | ITL p50 (ms) | "
+HEADER = ("| system | load | status | ok / sent (planned) | failed, by status | TTFT p50 / p90 (ms) | ITL p50 / p90 (ms) | "
           "E2E p50 / p90 (ms) | req/s | goodput (req/s) | out tok/s | prefix hit rate | CPU (cores) | machine |")
 
 
@@ -45,7 +45,7 @@ def row(r: dict) -> str:
     status = "ok" if r["status"] == "ok" else f"**{r['status']}**"
     good = "-" if s.get("goodput_rps") is None else f"{s['goodput_rps']:.2f}"
     return (f"| {r['system']} | {_load(r)} | {status} | {s['ok']} / {s['requests']} ({r.get('planned_requests', '-')}) | "
-            f"{failures(s)} | {_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p90_s'])} | {_ms(s['itl_p50_s'])} | "
+            f"{failures(s)} | {_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p90_s'])} | {_ms(s['itl_p50_s'])} / {_ms(s.get('itl_p90_s'))} | "
             f"{_ms(s['e2e_p50_s'])} / {_ms(s['e2e_p90_s'])} | {s['throughput_rps']:.2f} | {good} | "
             f"{s['output_tokens_per_s']:.0f} | {hit_rate(r)} | {cpu} | {sat} |")
 
@@ -56,7 +56,7 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
-COMPARED = (("TTFT p50", "ttft_p50_s"), ("TTFT p90", "ttft_p90_s"), ("E2E p90", "e2e_p90_s"),
+COMPARED = (("TTFT p50", "ttft_p50_s"), ("TTFT p90", "ttft_p90_s"), ("ITL p90", "itl_p90_s"), ("E2E p90", "e2e_p90_s"),
             ("hit rate", "prefix_hit_rate"), ("goodput", "goodput_rps"))
 
 

@@ -132,7 +132,8 @@ def run_one(spec: str, load: float | None, rate: float, plan: Plan, fleet) -> di
     system = None
     try:
         events = spec.startswith("ai-lb:") and catalog.parse_ai_lb(spec)[0] in catalog.KV_EVENTS_POLICIES
-        backends, entry["cache"] = fleet.prepare(kv_events=events)
+        roles = catalog.fleet_roles(spec, len(fleet.addresses))
+        backends, entry["cache"] = fleet.prepare(kv_events=events, roles=roles)
         if entry["cache"]["state"] != "fresh" and entry["cache"].get("failed"):
             entry["notes"].append("prefix caches not reset on " + ", ".join(
                 f"{a} ({why})" for a, why in entry["cache"]["failed"].items()))

@@ -166,6 +166,27 @@ def long_prompt(seed: int, duration: float, rate: float, prompt_kb: int = 220) -
     return w
 
 
+def long_chat(seed: int, duration: float, rate: float, doc_median: int = 3000, doc_sigma: float = 0.4,
+              max_doc: int = 5000, turns: tuple[int, int] = (2, 4), user_tokens: tuple[int, int] = (30, 150),
+              out_tokens: tuple[int, int] = (100, 250), think_s: tuple[float, float] = (0.5, 2.0)) -> Workload:
+    """Multi-turn chats over a long document of their own (lognormal, median ``doc_median``
+    tokens, at most ``max_doc``): every turn sends the document and the growing history and
+    gets a long answer. Nothing is shared between conversations. The workload where long
+    prefills land in the decode batches of mixed servers (what prefill/decode disaggregation
+    is for), sized to fit an 8k context."""
+    rng = random.Random(seed)
+    w = Workload("long-chat", seed, duration, rate)
+    for i, t0 in enumerate(_poisson_times(rng, rate, duration)):
+        doc = f"[doc {i}] " + text(rng, _lognormal_tokens(rng, doc_median, doc_sigma, 500, max_doc))
+        ts = [Turn(user=text(rng, rng.randint(*user_tokens)), max_tokens=rng.randint(*out_tokens),
+                   think_s=rng.uniform(*think_s) if k else 0.0) for k in range(rng.randint(*turns))]
+        for t in ts:
+            t.answer = text(rng, t.max_tokens)
+        w.conversations.append(Conversation(t0, doc, ts, -1, i))
+    w.info.update(doc_median_tokens=doc_median, max_doc_tokens=max_doc)
+    return w
+
+
 def overhead(seed: int, duration: float, rate: float) -> Workload:
     """Tiny requests for near-instant backends: what remains is the gateway's own cost."""
     rng = random.Random(seed)
@@ -192,6 +213,8 @@ WORKLOADS: dict[str, Spec] = {
                              0.9),
     "bursty": Spec(bursty, "reaction to bursts: no-sharing traffic 2 s on, 4 s off"),
     "long-prompt": Spec(long_prompt, "body handling: 220 KB prompts", 0.5, ("--max-model-len", "131072")),
+    "long-chat": Spec(long_chat, "prefill/decode: multi-turn chats over long documents of their own, long answers "
+                      "(long prefills in decode batches)", 0.6),
     "overhead": Spec(overhead, "the gateway's own latency: tiny requests, near-instant backends", 0.5,
                      ("--time-scale", "0.001")),
 }

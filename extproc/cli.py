@@ -1,7 +1,7 @@
-"""``ai-lb`` command line: ``serve`` and ``check-config``, plus the commands that other
-packages register under the ``ai_lb.commands`` entry-point group (``demo``, ``bench``,
-``sim``: the dev tooling and the simulator, which sit above the product and are never
-imported by it)."""
+"""``ai-lb`` command line: ``serve`` and ``check-config``, plus the commands registered
+under the ``ai_lb.commands`` entry-point group: ``pd-sidecar`` (product code, a process of
+its own in front of each decode server) and ``demo``, ``bench``, ``sim`` (the dev tooling
+and the simulator, which sit above the product and are never imported by it)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ class RouteRuntime:
 
     __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "needs", "endpoints",
                  "by_endpoint", "fallbacks", "sample", "gate", "_cand", "_cand_version", "_told", "_by_cluster",
-                 "on_learned")
+                 "on_learned", "no_prefill")
 
     def __init__(self, config: RouteConfig, policy: Policy | None, gate: Gate | None = None,
                  server: ServerConfig | None = None) -> None:
@@ -60,6 +60,8 @@ class RouteRuntime:
         self.enabled = config.enabled and policy is not None
         self.endpoints = config.endpoints
         self.by_endpoint = config.lb_type == "endpoint"  # cluster policies get no endpoint candidates
+        # A prefill server is never a destination, except for a policy that knows roles (pd).
+        self.no_prefill = not (policy is not None and policy.uses_roles)
         self.needs_body = bool(policy and policy.needs_body)
         # GIE fallbacks after the pick; the response headers then tell which one served.
         self.fallbacks = server.fallback_endpoints if config.fallback_endpoints is None else config.fallback_endpoints
@@ -85,7 +87,7 @@ class RouteRuntime:
             return self._route_cluster(directory, cluster)
         if self._cand_version != directory.version:
             self._cand_version = directory.version
-            new = directory.candidates(self.endpoints) if self.by_endpoint else ()
+            new = self._destinations(directory.candidates(self.endpoints)) if self.by_endpoint else ()
             if new != self._cand or not self._told:
                 self._cand, self._told = new, True
                 if self.policy is not None:
@@ -100,7 +102,7 @@ class RouteRuntime:
         hit = self._by_cluster.get(cluster)
         if hit is not None and hit[0] == directory.version:
             return hit[1]
-        new = directory.candidates(EndpointsConfig(cluster=cluster, static=self.endpoints.static))
+        new = self._destinations(directory.candidates(EndpointsConfig(cluster=cluster, static=self.endpoints.static)))
         self._by_cluster[cluster] = (directory.version, new)
         if hit is None and self.on_learned is not None:
             self.on_learned()
@@ -111,6 +113,9 @@ class RouteRuntime:
             if self.gate is not None:
                 self.gate.on_candidates(union)
         return new
+
+    def _destinations(self, eps: tuple) -> tuple:
+        return tuple(e for e in eps if e.role != "prefill") if self.no_prefill else eps
 
     def known(self, directory: EndpointDirectory) -> tuple:
         """Every endpoint this route has (for metrics and the load view's retention)."""

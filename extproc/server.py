@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+from envoy.service.endpoint.v3 import eds_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import start_http_server
@@ -23,6 +25,8 @@ from prometheus_client import start_http_server
 from .config import Config, ConfigError, redact
 from .core import EndpointDirectory
 from .discovery.sources import EndpointSources
+from .envoy.eds import METHOD as EDS_METHOD
+from .envoy.eds import EdsService, GrpcioEds, registered_view
 from .envoy.processor import Processor
 from .transport import DEFAULT_LIMITS, GrpcServer, H2Limits, ReloadingTls, TlsFiles, grpcio_credentials
 from .transport.health import EXT_PROC_SERVICE, Health
@@ -64,7 +68,8 @@ class Gateway:
         self.telemetry.state_events = lambda: self.stores.events
         self.telemetry.queues = lambda: [(n, r.gate) for n, r in self.runtime.routes.items() if r.gate is not None]
         self.health = Health()  # liveness, readiness, "" and the ext_proc service, both transports
-        self.sources = EndpointSources(self.directory, self._discovery_changed)
+        self.sources = EndpointSources(self.directory, self._discovery_changed, self.stores, self.telemetry.registry)
+        self.eds = EdsService(registered_view(self.directory))  # registered instances, served to Envoy
         self._grpc: grpc.aio.Server | None = None
         self._h2: GrpcServer | None = None
         self._health_srv: GrpcServer | None = None
@@ -81,6 +86,7 @@ class Gateway:
         await self.runtime.apply(self.config)
         await self.health.set(live=True, ready=False)
         self.sources.start(self.config)
+        await self.sources.start_registry(self.config)
         self._update_endpoint_gauges()
         if self.config.server.transport == "grpcio":
             await self._start_grpcio()
@@ -167,6 +173,7 @@ class Gateway:
                                                           poll_interval=self.config.server.reload_interval)
         srv = GrpcServer(H2Limits(max_message_size=max(DEFAULT_LIMITS.max_message_size, body + (1 << 20))), tls=reloading)
         srv.add_method(PROCESS_METHOD, pb.ProcessingRequest.FromString, lambda st: self.processor.Process(None, st))
+        srv.add_method(EDS_METHOD, DiscoveryRequest.FromString, self.eds.stream)
         self.health.serve_on(srv)
         host, _, port = self.config.server.listen.rpartition(":")
         self.grpc_port = await srv.start(host.strip("[]"), int(port))
@@ -175,6 +182,7 @@ class Gateway:
     async def _start_grpcio(self) -> None:
         s = grpc.aio.server(options=GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
+        eds_pb2_grpc.add_EndpointDiscoveryServiceServicer_to_server(GrpcioEds(self.eds), s)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, s)
         tls = self.config.server.tls
         if tls is None:
@@ -208,6 +216,7 @@ class Gateway:
     def _discovery_changed(self) -> None:
         self.runtime.refresh_candidates()
         self._update_endpoint_gauges()
+        self.eds.changed()
 
     def _update_endpoint_gauges(self) -> None:
         g = self.telemetry.endpoints

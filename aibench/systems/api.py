@@ -15,6 +15,7 @@ class Backends:
     model: str = "sim-model"
     admin_url: str | None = None         # vllmsim cluster admin (for the oracle): http://127.0.0.1:P
     pids: dict[str, int | list[int]] = field(default_factory=dict)
+    roles: list[str] = field(default_factory=list)  # per address (prefill | decode) when started split by role
 
 
 class System(Protocol):

@@ -43,6 +43,7 @@ AI_LB_NOT_DEFAULT = {
     "metrics_based": "an alias of endpoint_metrics",
     "scheduler": "the framework itself: a composition given in lb_config (use ai-lb:scheduler{...})",
     "cluster_metrics": "chooses Envoy clusters, not endpoints (lb_type: cluster)",
+    "pd": "prefill/decode needs a fleet split by role and a sidecar per decode server: the ai-lb-pd system",
 }
 PEERS = {
     "envoy-rr": "the reference Envoy, its own round robin (no ext_proc)",
@@ -50,13 +51,16 @@ PEERS = {
     "sglang-router": "SGLang Model Gateway (PyPI sglang-router), cache_aware",
     "vllm-router": "vLLM router (PyPI vllm-router), cache_aware",
     "oracle": "knows every simulated server's true cache and queue (simulator backends only)",
+    "ai-lb-pd[:P]": "prefill/decode: ai-lb's pd route, P of the simulated servers prefill (default a quarter), "
+                    "the others decode behind a PD sidecar each (not in the default list)",
 }
+NOT_DEFAULT_PEERS = ("ai-lb-pd[:P]",)
 LEADING_PEERS = ("envoy-rr", "envoy-lr")
 
 
 def default_systems() -> list[str]:
     return [*LEADING_PEERS, *(f"ai-lb:{p}" for p, _ in AI_LB_POLICIES),
-            *(p for p in PEERS if p not in LEADING_PEERS)]
+            *(p for p in PEERS if p not in LEADING_PEERS and p not in NOT_DEFAULT_PEERS)]
 
 
 def describe(width: int = 100) -> str:
@@ -118,13 +122,23 @@ def ai_lb_config(policy: str, inline: dict[str, Any] | None, overrides: dict[str
     return cfg
 
 
+def fleet_roles(spec: str, n: int) -> list[str] | None:
+    """The roles a simulated fleet must be started with for ``spec`` (None: all mixed)."""
+    from . import pd
+
+    return pd.fleet_roles(spec, n) if spec.startswith(pd.SPEC) else None
+
+
 def make_system(spec: str, store: str = "memory", overrides: dict[str, dict[str, Any]] | None = None):
-    from . import EnvoyAiLb, EnvoyNative, Oracle, SglangRouter, VllmRouter
+    from . import EnvoyAiLb, EnvoyNative, Oracle, SglangRouter, VllmRouter, pd
 
     if spec == "envoy-rr":
         return EnvoyNative("round_robin")
     if spec == "envoy-lr":
         return EnvoyNative("least_request")
+    if spec.startswith(pd.SPEC):
+        _, inline = pd.parse_spec(spec)
+        return pd.EnvoyAiLbPd({**(overrides or {}).get("pd", {}), **inline}, store=store)
     if spec.startswith("ai-lb:"):
         pol, inline = parse_ai_lb(spec)
         return EnvoyAiLb(pol, ai_lb_config(pol, inline, overrides or {}), store=store)

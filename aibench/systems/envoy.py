@@ -76,7 +76,13 @@ def native_envoy_config(cfg: dict, policy: str) -> dict:
                             del tpf[ext_proc]
                             if not tpf:
                                 del r["typed_per_filter_config"]
-    cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"] if c["name"] != "ai_lb"]
+    for lst in cfg["static_resources"]["listeners"]:  # the registered instances come from ai-lb (EDS)
+        for chain in lst["filter_chains"]:
+            for f in chain["filters"]:
+                for vh in f.get("typed_config", {}).get("route_config", {}).get("virtual_hosts", []):
+                    vh["routes"] = [r for r in vh.get("routes", []) if r.get("route", {}).get("cluster") != "llm_registered"]
+    cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"]
+                                           if c["name"] not in ("ai_lb", "llm_registered")]
     ext, typ = _LB_POLICIES[policy]
     for c in cfg["static_resources"]["clusters"]:
         if c["name"] == "llm_backends":
@@ -172,21 +178,26 @@ class EnvoyAiLb(_EnvoyBase):
                    if s.name == "ai_lb_route_endpoints" and s.labels.get("route") == "llm"
                    and s.labels.get("state") == "healthy")
 
+    def _route(self, backends: Backends) -> tuple[dict[str, Any], list[str]]:
+        """Route ``llm``'s config and the addresses Envoy's llm_backends holds."""
+        route: dict[str, Any] = {"lb_policy": self.policy, "endpoints": {"cluster": "llm_backends"}}
+        if self.lb_config:
+            route["lb_config"] = self.lb_config
+        return route, list(backends.addresses)
+
     def _start(self, backends: Backends) -> str:
         listen, admin, grpc, metrics = ds.free_ports(4)
         self.ports = ds.EnvoyPorts(listen, admin, grpc)
         self.metrics_port = metrics
         assert self.logdir is not None
-        n = len(backends.addresses)
-        route: dict[str, Any] = {"lb_policy": self.policy, "endpoints": {"cluster": "llm_backends"}}
-        if self.lb_config:
-            route["lb_config"] = self.lb_config
+        route, upstreams = self._route(backends)
+        n = len(upstreams)
         cfg_path = self.logdir / "ai-lb.yaml"
         ds.write_ai_lb_config(cfg_path, grpc, metrics, {"llm": route}, envoy_admin_port=admin, store=self.store)
         # ai-lb first: it validates its config and exits at once on an unknown policy.
         self._spawn("ai-lb", [ds.PY, "-m", "extproc", "serve", "-c", str(cfg_path)])
         self._wait(lambda: _port_open(grpc), f"ai-lb gRPC port :{grpc}")
-        self._start_envoy(_render(self.logdir / "envoy.yaml", self.ports, backends.addresses), n)
+        self._start_envoy(_render(self.logdir / "envoy.yaml", self.ports, upstreams), n)
         self._fallbacks0 = self._fallbacks()
         self._wait(lambda: all(ds.envoy_host_health(admin, "ai_lb").values() or [False]),
                    "Envoy sees ai-lb healthy (gRPC health check)")

@@ -26,11 +26,12 @@ from .yaml_text import ImplicitKey, YamlProblem, describe_key, load_yaml
 
 from .sources import EndpointsConfig, KubernetesEndpoints, TlsConfig, parse_endpoints, parse_tls  # noqa: F401
 from .sources import valid_hostport as _valid_hostport
+from .registration import RegistrationConfig, parse_registration
 
 BODY_MODES = ("buffered_partial", "buffered")  # what ai-lb asks Envoy for (mode_override) when a policy reads the body
 LB_TYPES = ("endpoint", "cluster")
-__all__ = ["LB_TYPES", "Config", "ConfigError", "EndpointsConfig", "PolicyCatalog", "RedisURL", "RouteConfig",
-           "ServerConfig", "build_config", "load_config", "parse_config", "parse_redis_url", "policy_config", "redact"]
+__all__ = ["LB_TYPES", "Config", "ConfigError", "EndpointsConfig", "PolicyCatalog", "RedisURL", "RegistrationConfig",
+           "RouteConfig", "ServerConfig", "build_config", "load_config", "parse_config", "parse_redis_url", "policy_config", "redact"]
 
 
 class ConfigError(Exception):
@@ -157,6 +158,7 @@ class Config:
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
     source: str | None = None
+    registration: RegistrationConfig | None = None  # the registration API and registry (prefill/decode fleets)
 
 
 def _freeze(v: Any) -> Any:
@@ -193,7 +195,7 @@ def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) ->
     v = _Validator()
     if not isinstance(raw, Mapping):
         raise ConfigError([f"(top level): expected a mapping, got {_tname(raw)}"])
-    v.unknown_keys("", raw, {"server", "store", "routes", "plugins", "log_level", "log_format"})
+    v.unknown_keys("", raw, {"server", "store", "routes", "plugins", "log_level", "log_format", "registration"})
 
     plugins = tuple(v.str_list("plugins", raw.get("plugins", [])))
     # Plugins register extra policies; load them before policy names are checked.
@@ -262,6 +264,8 @@ def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) ->
         if r is not None:
             routes[str(name)] = r
 
+    registration = parse_registration(v, raw.get("registration"),
+                                      [n for n, r in routes.items() if r.endpoints.registered])
     if not raw_routes:
         v.err("routes", "no routes: every request would fall back to Envoy's native load balancing "
                         "(unknown_route); give at least one route (Envoy's route name, or \"*\")")
@@ -269,7 +273,7 @@ def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) ->
         raise ConfigError(v.problems)
     assert server is not None
     return Config(server=server, store=store, routes=routes, plugins=plugins, log_level=log_level,
-                  log_format=log_format, source=source)
+                  log_format=log_format, source=source, registration=registration)
 
 
 def _route(v: "_Validator", path: str, name: str, rr: Any, server: ServerConfig | None,

@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-ENDPOINT_KEYS = {"static", "cluster", "kubernetes"}
+ENDPOINT_KEYS = {"static", "cluster", "kubernetes", "registered", "roles"}
 K8S_KEYS = {"namespace", "inference_pool", "selector", "service", "port"}
+ROLES = ("prefill", "decode", "mixed")  # extproc.core.endpoint.ROLES (config is the leaf: no import)
+REGISTERED = "registry:instances"       # the directory's name for the registered instances
 
 
 @dataclass(frozen=True)
@@ -46,19 +48,27 @@ class EndpointsConfig:
 
     ``static`` lists ``ip:port`` strings; ``cluster`` names an Envoy cluster whose hosts
     (and their health) are read from Envoy's admin API; ``kubernetes`` watches the API
-    server; ``route_cluster`` (no ``endpoints:`` given) reads the Envoy cluster of each
-    request. A static list given with a discovered set narrows it to those addresses.
+    server; ``registered`` reads the instances registered with ai-lb (``POST /register``);
+    ``route_cluster`` (no ``endpoints:`` given) reads the Envoy cluster of each request. A
+    static list given with a discovered set narrows it to those addresses. ``roles``
+    (address -> prefill | decode | mixed) labels endpoints for prefill/decode routes,
+    over what their source says; a labelled address no source names is added as a
+    static endpoint.
     """
 
     static: tuple[str, ...] = ()
     cluster: str | None = None
     kubernetes: KubernetesEndpoints | None = None
     route_cluster: bool = False
+    registered: bool = False
+    roles: tuple[tuple[str, str], ...] = ()
 
     @property
     def source(self) -> str | None:
         """The discovered set this route reads (None: static only, or per request)."""
-        return self.kubernetes.key if self.kubernetes is not None else self.cluster
+        if self.kubernetes is not None:
+            return self.kubernetes.key
+        return REGISTERED if self.registered else self.cluster
 
 
 @dataclass(frozen=True)
@@ -119,12 +129,41 @@ def parse_endpoints(v: Any, path: str, eps: Any, needs_endpoints: bool, envoy_ad
     if cluster is not None and envoy_admin is None and server_known:
         v.err(f"{path}.cluster", "needs server.envoy_admin (the Envoy admin URL) to discover the cluster's hosts")
     k8s = _kubernetes(v, f"{path}.kubernetes", eps["kubernetes"]) if "kubernetes" in eps else None
-    if k8s is not None and cluster is not None:
-        v.err(path, "give either 'cluster' or 'kubernetes', not both")
-    if needs_endpoints and not static and cluster is None and "kubernetes" not in eps:
-        v.err(path, "names no endpoints: give 'static', 'cluster' or 'kubernetes' (or leave 'endpoints' out to use "
-                    "the route's own Envoy cluster)")
-    return EndpointsConfig(static=tuple(static), cluster=cluster, kubernetes=k8s)
+    registered = eps.get("registered", False)
+    if not isinstance(registered, bool):
+        v.err(f"{path}.registered", f"expected true or false, got {_tname(registered)}")
+        registered = False
+    given = [k for k, on in (("cluster", cluster is not None), ("kubernetes", "kubernetes" in eps),
+                             ("registered", registered)) if on]
+    if len(given) > 1:
+        v.err(path, f"give one of 'cluster', 'kubernetes' or 'registered', not {' and '.join(given)}")
+    roles = _roles(v, f"{path}.roles", eps.get("roles"))
+    if needs_endpoints and not static and not given and not roles:
+        v.err(path, "names no endpoints: give 'static', 'cluster', 'kubernetes', 'registered' or 'roles' (or leave "
+                    "'endpoints' out to use the route's own Envoy cluster)")
+    return EndpointsConfig(static=tuple(static), cluster=cluster, kubernetes=k8s, registered=registered, roles=roles)
+
+
+def _roles(v: Any, path: str, raw: Any) -> tuple[tuple[str, str], ...]:
+    """``roles: {prefill: [ip:port, ...], decode: [...], mixed: [...]}`` -> (address, role) pairs."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        v.err(path, f"expected a mapping of role ({', '.join(ROLES)}) to a list of ip:port, got {_tname(raw)}")
+        return ()
+    out: dict[str, str] = {}
+    for role, addrs in raw.items():
+        if role not in ROLES:
+            v.err(f"{path}.{role}", f"unknown role; allowed: {', '.join(ROLES)}")
+            continue
+        for i, a in enumerate(v.str_list(f"{path}.{role}", addrs)):
+            if not valid_hostport(a):
+                v.err(f"{path}.{role}[{i}]", f"expected ip:port, got {a!r}")
+            elif a in out and out[a] != role:
+                v.err(f"{path}.{role}[{i}]", f"{a} is already listed as {out[a]}")
+            else:
+                out[a] = role
+    return tuple(out.items())
 
 
 def _kubernetes(v: Any, path: str, raw: Any) -> KubernetesEndpoints | None:

@@ -9,6 +9,8 @@ not per request.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..config import EndpointsConfig
 from .endpoint import Endpoint
 
@@ -42,9 +44,20 @@ class EndpointDirectory:
         """Every endpoint of the route, healthy or not (for status pages and metrics)."""
         name = cfg.source
         if name is None:
-            return tuple(Endpoint(a) for a in cfg.static)
-        eps = self._clusters.get(name, ())
-        if cfg.static:
-            allowed = set(cfg.static)
-            eps = tuple(e for e in eps if e.address in allowed)
-        return eps
+            eps = tuple(Endpoint(a) for a in cfg.static)
+        else:
+            eps = self._clusters.get(name, ())
+            if cfg.static:
+                allowed = set(cfg.static)
+                eps = tuple(e for e in eps if e.address in allowed)
+        return with_roles(eps, cfg.roles) if cfg.roles else eps
+
+
+def with_roles(eps: tuple[Endpoint, ...], roles: tuple[tuple[str, str], ...]) -> tuple[Endpoint, ...]:
+    """The config's roles over the sources' (the operator's word wins); a labelled address
+    no source names joins as a static endpoint (healthy: nothing checks it)."""
+    by = dict(roles)
+    out = [replace(e, role=by[e.address]) if e.address in by and e.role != by[e.address] else e for e in eps]
+    seen = {e.address for e in eps}
+    out += [Endpoint(a, True, r) for a, r in roles if a not in seen]
+    return tuple(out)

@@ -10,7 +10,9 @@ Kubernetes API reference:
   says consumers should read an unknown state as ready) and it is not ``terminating``;
   FQDN slices are skipped (override_host needs an IP);
 * an InferencePool (``inference.networking.k8s.io/v1``) gives a label selector
-  (``spec.selector.matchLabels``) and a port (``spec.targetPorts[0].number``).
+  (``spec.selector.matchLabels``) and a port (``spec.targetPorts[0].number``);
+* a pod declares its prefill/decode role with llm-d's label ``llm-d.ai/role``
+  (``prefill``, ``decode``, or ``both``: mixed); EndpointSlices carry no pod labels.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import ipaddress
 from typing import Any, Iterable, Mapping
 
 from ..core.endpoint import Endpoint
+
+ROLE_LABEL = "llm-d.ai/role"
+_ROLE_VALUES = {"prefill": "prefill", "decode": "decode", "both": "mixed", "mixed": "mixed"}
 
 
 def host_port(ip: str, port: int) -> str:
@@ -36,9 +41,11 @@ def pod_endpoint(pod: Mapping[str, Any], port: int) -> Endpoint | None:
     if not ip:
         return None  # not scheduled or no network yet: not an endpoint at all
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
-    terminating = bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+    meta = pod.get("metadata") or {}
+    terminating = bool(meta.get("deletionTimestamp"))
     healthy = status.get("phase") == "Running" and ready and not terminating
-    return Endpoint(host_port(ip, port), healthy)
+    role = _ROLE_VALUES.get(str((meta.get("labels") or {}).get(ROLE_LABEL, "")).lower(), "")
+    return Endpoint(host_port(ip, port), healthy, role)
 
 
 def pods_to_endpoints(pods: Iterable[Mapping[str, Any]], port: int) -> tuple[Endpoint, ...]:

@@ -18,6 +18,10 @@ from envoy.type.v3 import http_status_pb2
 # The Gateway API Inference Extension endpoint-picker protocol.
 DEST_HEADER = "x-gateway-destination-endpoint"
 DEST_METADATA_NS = "envoy.lb"
+# llm-d's convention: the prefill server of a prefill/decode pick, read by the PD sidecar
+# in front of the decode server. Set by ai-lb alone: any other value is removed.
+PREFILL_HEADER = "x-prefiller-host-port"
+ROLE_HEADERS = {"prefill": PREFILL_HEADER}  # Pick.also roles -> the header naming that endpoint
 
 PM = processing_mode_pb2.ProcessingMode
 _ERROR_TYPES = {429: "rate_limit_exceeded", 503: "service_unavailable"}
@@ -59,13 +63,16 @@ class Answers:
         self.request_trailers = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
         self.response_trailers = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
-    def pick(self, phase: str, address: str, mode: PM | None = None) -> pb.ProcessingResponse:
+    def pick(self, phase: str, address: str, mode: PM | None = None, also: tuple = ()) -> pb.ProcessingResponse:
         """Route to ``address`` (``ip:port``, or the GIE list ``primary,fallback,...``): header
-        and dynamic metadata, the same value, both set by us alone."""
+        and dynamic metadata, the same value, both set by us alone. ``also`` (``Pick.also``)
+        names the other endpoints the request uses: a prefill server goes in
+        ``x-prefiller-host-port``, which is removed when there is none."""
         if len(self._pick) > self.MAX_CACHED:
             self._pick.clear()
-        return self._cached(self._pick, (phase, address, id(mode)), phase, mode,
-                            set_header=(DEST_HEADER, address), metadata=address)
+        extra = tuple((ROLE_HEADERS[r], e.address) for r, e in also if r in ROLE_HEADERS)
+        return self._cached(self._pick, (phase, address, id(mode), extra), phase, mode,
+                            set_header=(DEST_HEADER, address), metadata=address, extra=extra)
 
     def to_cluster(self, phase: str, header: str, cluster: str, mode: PM | None = None) -> pb.ProcessingResponse:
         """Rewrite the route's cluster header and have Envoy re-evaluate the route."""
@@ -73,21 +80,23 @@ class Answers:
                             set_header=(header, cluster), remove=True, clear_route_cache=True)
 
     def passthrough(self, phase: str, mode: PM | None = None) -> pb.ProcessingResponse:
-        """No pick (yet): only strip any client-supplied destination header."""
+        """No pick (yet): only strip any client-supplied routing header."""
         return self._cached(self._pass, (phase, id(mode)), phase, mode, remove=True)
 
     @staticmethod
     def _cached(cache: dict, key: tuple, phase: str, mode: PM | None, set_header: tuple[str, str] | None = None,
-                metadata: str | None = None, remove: bool = False, clear_route_cache: bool = False) -> pb.ProcessingResponse:
+                metadata: str | None = None, remove: bool = False, clear_route_cache: bool = False,
+                extra: tuple | None = None) -> pb.ProcessingResponse:
         r = cache.get(key)
         if r is None:
             common = pb.CommonResponse(clear_route_cache=clear_route_cache)
-            if set_header is not None:
+            for k, v in ((set_header,) if set_header is not None else ()) + (extra or ()):
                 common.header_mutation.set_headers.append(base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=set_header[0], raw_value=set_header[1].encode()),
-                    append_action=_OVERWRITE))
+                    header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE))
+            if extra is not None and not extra:  # an endpoint pick without a prefill server
+                common.header_mutation.remove_headers.append(PREFILL_HEADER)
             if remove:
-                common.header_mutation.remove_headers.append(DEST_HEADER)
+                common.header_mutation.remove_headers.extend((DEST_HEADER, PREFILL_HEADER))
             r = _wrap(phase, common)
             if metadata is not None:
                 r.dynamic_metadata.fields[DEST_METADATA_NS].struct_value.fields[DEST_HEADER].string_value = metadata

@@ -220,7 +220,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             ctx.tickets = (begin(d.address, tokens), *(begin(e.address, tokens) for _, e in also))
             self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
             return self.answers.pick(phase, gie.destination(d, named, candidates, rt.fallbacks, ctx.subset,
-                                                            self.load.requests), mode)
+                                                            self.load.requests), mode, also)
         if isinstance(d, ClusterPick):
             ctx.cluster = d.cluster
             ctx.policy = policy

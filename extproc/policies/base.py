@@ -80,6 +80,9 @@ class Policy:
     # Fraction of requests whose response the core watches to its first token, calling
     # ``on_first_token`` (costs one ext_proc message per response chunk until then).
     first_token_sample: float = 0.0
+    # Whether the policy reads ``Endpoint.role``: other policies are never offered a
+    # prefill-only endpoint (it is not a destination); the ``pd`` policy sees them all.
+    uses_roles: ClassVar[bool] = False
 
     def __init__(self, config: Any, env: PolicyEnv) -> None:
         self.config = config

@@ -72,6 +72,8 @@ BUILTIN = (
     "cache_aware",
     "estimated_ttft",
     "precise_prefix_cache",
+    # prefill/decode disaggregation: two pools, each one of the policies above
+    "pd",
 )
 
 

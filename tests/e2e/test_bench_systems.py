@@ -185,3 +185,28 @@ def test_rust_router_dead_backend_fails(cls, backends, tmp_path, router_venv):
     with pytest.raises(RuntimeError, match="failed to start"):
         s.start(bad, tmp_path)
     assert s.pids() == {} and s.procs == []
+
+
+# -- Prefill/decode -------------------------------------------------------------------------
+def test_envoy_ai_lb_pd(tmp_path):
+    """ai-lb-pd: Envoy + ai-lb's pd route + a sidecar per decode server, on a fleet split by
+    role (what ai-lb bench starts for it): every request prefills on the prefill server."""
+    ports = ds.free_ports(3)
+    sim = ds.start_sim(tmp_path, ports, "--model", "sim-model", "--time-scale", "0.02", "--admin-port", "-1",
+                       "--roles", "prefill,decode,decode")
+    b = Backends([f"127.0.0.1:{p}" for p in ports], pids={"sim": sim.p.pid}, roles=["prefill", "decode", "decode"])
+    s = sysm.make_system('ai-lb-pd{"prefill":{"lb_policy":"process_tokens"}}')
+    try:
+        url = s.start(b, tmp_path)
+        assert set(s.pids()) == {"pd-sidecar", "ai-lb", "envoy"}
+        served = set()
+        for i in range(4):
+            status, headers, body = chat(url, f"pd {i} " + "a long question " * 50, stream=i % 2 == 1)
+            assert status == 200 and headers["x-pd-prefill"] == b.addresses[0]
+            served.add(headers["x-sim-server"])
+        assert served <= {str(ports[1]), str(ports[2])}
+        assert s.verdict() == ("ok", ["PD sidecars: disaggregated 4"])
+    finally:
+        s.stop()
+        sim.stop()
+    assert s.pids() == {}

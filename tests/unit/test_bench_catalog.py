@@ -43,3 +43,19 @@ def test_specs_and_lb_config(tmp_path):
         catalog.load_ai_lb_config(f)
     with pytest.raises(ValueError, match="unknown system"):
         catalog.make_system("haproxy")
+
+
+def test_the_pd_system_spec_and_its_fleet():
+    assert "ai-lb-pd[:P]" not in catalog.default_systems()  # needs a fleet split by role: asked for by name
+    assert catalog.fleet_roles("ai-lb:request_num", 8) is None
+    assert catalog.fleet_roles("ai-lb-pd", 8) == ["prefill"] * 2 + ["decode"] * 6  # a quarter prefill
+    assert catalog.fleet_roles('ai-lb-pd:3{"decode":{"lb_policy":"power_of_two"}}', 8) == ["prefill"] * 3 + ["decode"] * 5
+    s = catalog.make_system('ai-lb-pd:3{"decode":{"lb_policy":"power_of_two"}}',
+                            overrides={"pd": {"prefill": {"lb_policy": "process_tokens"}}})
+    assert s.policy == "pd" and s.lb_config == {"prefill": {"lb_policy": "process_tokens"},
+                                                "decode": {"lb_policy": "power_of_two"}}
+    for bad in ("ai-lb-pd:0", "ai-lb-pd:x", "ai-lb-pdx", "ai-lb-pd{nope}"):
+        with pytest.raises(ValueError):
+            catalog.fleet_roles(bad, 8)
+    with pytest.raises(ValueError, match="no decode server"):
+        catalog.fleet_roles("ai-lb-pd:8", 8)

@@ -75,6 +75,18 @@ def test_no_sharing_heavy_has_heavy_tails_and_no_shared_prefix():
     assert workloads.WORKLOADS["no-sharing-heavy"].default_load >= 0.9
 
 
+def test_long_chat_is_long_multi_turn_unshared_and_fits_8k():
+    w = workloads.make("long-chat", 1, 120, 1.0)
+    docs = [len(c.system) // CHARS_PER_TOKEN for c in w.conversations]
+    assert 2500 < statistics.median(docs) < 3500 and max(docs) <= 5000 + 3  # + "[doc i] "
+    assert len({c.system[:16] for c in w.conversations}) == len(w.conversations)  # a document each
+    assert all(2 <= len(c.turns) <= 4 for c in w.conversations)
+    assert min(t.max_tokens for c in w.conversations for t in c.turns) >= 100  # long answers: decode matters
+    for c in w.conversations:  # the last turn (document + history + answer) fits an 8k context
+        last = sum(len(m["content"]) for m in c.request(len(c.turns) - 1)[1]["messages"]) // CHARS_PER_TOKEN
+        assert last + c.turns[-1].max_tokens + 60 < 8192
+
+
 def test_cap_prompt_keeps_the_beginning():
     msgs = [{"role": "system", "content": "s" * 400}, {"role": "user", "content": "u" * 400},
             {"role": "assistant", "content": "a" * 400}, {"role": "user", "content": "v" * 400}]

@@ -69,7 +69,7 @@ def test_unknown_fields_at_every_level():
     assert any(p.startswith("servr: unknown field") for p in ps)
     assert any(p.startswith("server.listn: unknown field; allowed:") and "listen" in p for p in ps)
     assert any(p.startswith("routes.r.lb_confg: unknown field") for p in ps)
-    assert any(p.startswith("routes.r.endpoints.dns: unknown field; allowed: cluster, kubernetes, static") for p in ps)
+    assert any(p.startswith("routes.r.endpoints.dns: unknown field; allowed: cluster, kubernetes, registered, roles, static") for p in ps)
 
 
 def test_lb_config_field_checked_against_the_policy():

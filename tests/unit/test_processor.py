@@ -15,7 +15,7 @@ from google.protobuf import struct_pb2
 import plugins.model_pin  # noqa: F401 - registers test_model_pin
 from proc_stream import Stream
 from extproc.runtime import parse_config
-from extproc.envoy.answers import DEST_HEADER, DEST_METADATA_NS
+from extproc.envoy.answers import DEST_HEADER, DEST_METADATA_NS, PREFILL_HEADER
 from extproc.policies import Policy, registry
 from extproc.envoy.processor import Processor
 from extproc.runtime import Runtime
@@ -152,7 +152,7 @@ async def test_body_route_asks_for_body_then_picks_by_model():
     await p.Process(None, s)
     first, second = s.out
     assert first.mode_override.request_body_mode == first.mode_override.BUFFERED_PARTIAL
-    assert dest(first) == (None, None, [DEST_HEADER])  # spoofed header stripped while we wait
+    assert dest(first) == (None, None, [DEST_HEADER, PREFILL_HEADER])  # spoofed header stripped while we wait
     assert dest(second)[0] in ("10.0.0.1:80", "10.0.0.2:80")
 
 
@@ -167,7 +167,7 @@ async def test_unusable_body_falls_back_with_reason(body, eos, reason):
     p, rt, infl, tel = await make()
     s = Stream([headers_msg("body"), body_msg(body, eos)])
     await p.Process(None, s)
-    assert dest(s.out[1]) == (None, None, [DEST_HEADER])
+    assert dest(s.out[1]) == (None, None, [DEST_HEADER, PREFILL_HEADER])
     assert fallbacks(tel, "body", reason) == 1
     assert infl.snapshot() == {}
 
@@ -188,7 +188,7 @@ async def test_deep_or_invalid_json_is_malformed_json_not_policy_error(body):
     p, rt, infl, tel = await make("prefix_cache")
     s = Stream([headers_msg("llm"), body_msg(body)])
     await p.Process(None, s)
-    assert dest(s.out[1]) == (None, None, [DEST_HEADER])
+    assert dest(s.out[1]) == (None, None, [DEST_HEADER, PREFILL_HEADER])
     assert fallbacks(tel, "llm", "malformed_json") == 1, tel.fallbacks
     assert fallbacks(tel, "llm", "policy_error") == 0
     assert infl.snapshot() == {}
@@ -221,7 +221,7 @@ async def test_route_level_fallbacks(route, reason):
     p, rt, infl, tel = await make()
     s = Stream([headers_msg(route, eos=True)])
     await p.Process(None, s)
-    assert dest(s.out[0]) == (None, None, [DEST_HEADER])
+    assert dest(s.out[0]) == (None, None, [DEST_HEADER, PREFILL_HEADER])
     assert fallbacks(tel, route, reason) == 1
 
 
@@ -240,7 +240,7 @@ async def test_policy_exception_falls_back_not_fails():
     p, rt, infl, tel = await make("test_broken")
     s = Stream([headers_msg(eos=True)])
     await p.Process(None, s)
-    assert dest(s.out[0]) == (None, None, [DEST_HEADER])
+    assert dest(s.out[0]) == (None, None, [DEST_HEADER, PREFILL_HEADER])
     assert fallbacks(tel, "llm", "policy_error") == 1
 
 
