@@ -23,6 +23,8 @@ from prometheus_client import start_http_server
 from .config import Config, ConfigError, redact
 from .core import EndpointDirectory
 from .discovery.sources import EndpointSources
+from .envoy import access_log
+from .envoy.completions import Completions
 from .envoy.processor import Processor
 from .transport import DEFAULT_LIMITS, GrpcServer, H2Limits, ReloadingTls, TlsFiles, grpcio_credentials
 from .transport.health import EXT_PROC_SERVICE, Health
@@ -58,7 +60,11 @@ class Gateway:
         self.directory = EndpointDirectory()
         self.runtime = Runtime(self.directory, self.load, self.stores, self.scrapes)
         self.runtime.on_learned = self._update_endpoint_gauges
-        self.processor = Processor(self.runtime, self.telemetry, self.load, self.config.server.max_body_bytes)
+        srv = self.config.server
+        self.completions = Completions(srv.completions, srv.completion_lease)
+        self.processor = Processor(self.runtime, self.telemetry, self.load, srv.max_body_bytes, self.completions)
+        self.access_log = access_log.AccessLogSink(self.completions)
+        self.telemetry.completions = lambda: self.completions.stats
         self.telemetry.policy_stats = lambda: [(n, r.policy_name, r.policy.stats)
                                                for n, r in self.runtime.routes.items() if r.policy is not None]
         self.telemetry.state_events = lambda: self.stores.events
@@ -93,6 +99,7 @@ class Gateway:
         self.metrics_port = self._metrics_server.server_port
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_file(), name="config-watch"))
+        self._tasks.append(loop.create_task(self.completions.run(), name="completion-leases"))
         self._tasks.append(loop.create_task(self._become_ready(), name="readiness"))
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
@@ -127,6 +134,7 @@ class Gateway:
         if self._metrics_server:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        self.completions.close()  # parked requests end now: their policies' state is released
         await self.runtime.close()
         await self.scrapes.close()
         await self.stores.close()
@@ -147,7 +155,8 @@ class Gateway:
                       why, type(e).__name__, redact(str(e)))
             return False
         old, self.config = self.config, new
-        for fname in ("listen", "metrics_listen", "max_body_bytes", "transport", "tls", "health_listen"):
+        self.completions.mode, self.completions.lease = new.server.completions, new.server.completion_lease
+        for fname in ("listen", "metrics_listen", "max_body_bytes", "transport", "tls", "health_listen", "workers"):
             if getattr(old.server, fname) != getattr(new.server, fname):
                 log.warning("server.%s changed; takes effect on restart", fname)
         await self.sources.apply(old, new)
@@ -167,6 +176,7 @@ class Gateway:
                                                           poll_interval=self.config.server.reload_interval)
         srv = GrpcServer(H2Limits(max_message_size=max(DEFAULT_LIMITS.max_message_size, body + (1 << 20))), tls=reloading)
         srv.add_method(PROCESS_METHOD, pb.ProcessingRequest.FromString, lambda st: self.processor.Process(None, st))
+        srv.add_method(access_log.METHOD, access_log.decode, self.access_log.serve)
         self.health.serve_on(srv)
         host, _, port = self.config.server.listen.rpartition(":")
         self.grpc_port = await srv.start(host.strip("[]"), int(port))
@@ -175,6 +185,8 @@ class Gateway:
     async def _start_grpcio(self) -> None:
         s = grpc.aio.server(options=GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
+        self.processor.raw_answers = False  # grpcio serializes messages itself
+        access_log.add_to_grpcio(s, self.access_log)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, s)
         tls = self.config.server.tls
         if tls is None:

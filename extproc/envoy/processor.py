@@ -3,7 +3,9 @@
 One coroutine per HTTP stream. The request is decided on the request headers, or, for
 policies that read the prompt, on the buffered body. Every failure path answers Envoy
 with a plain pass-through (native load balancing) rather than an error, and "done"
-runs exactly once, in ``finally``, however the stream ends.
+runs exactly once however the request ends: when its stream ends if the stream is held
+to the response's end (``completions: stream``), else when Envoy's access log reports
+its end, or its lease runs out (``completions.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from ..signals import LoadView
 from ..signals.first_token import FirstToken
 from ..telemetry import RateLimitedLog, Telemetry
 from . import gie
+from .access_log import Tagged, tag
 from .answers import PM, Answers, processing_mode
+from .completions import Completions, Settled
 from .duplex import FULL_DUPLEX, DuplexBody, DuplexRequests, streamed
 
 log = logging.getLogger("ai_lb.processor")
@@ -39,8 +43,12 @@ _perf = time.perf_counter
 
 class Processor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, runtime: Runtime, telemetry: Telemetry, load: LoadView,
-                 max_body_bytes: int = 8 * 1024 * 1024) -> None:
+                 max_body_bytes: int = 8 * 1024 * 1024, completions: Completions | None = None) -> None:
         self.runtime = runtime
+        self.completions = completions if completions is not None else Completions()
+        self.completions.on_settled = lambda ctx, st: _settled(self, ctx, st)
+        self.raw_answers = True   # the native transport writes tagged answers as bytes; grpcio needs messages
+        self._raw: dict[int, tuple] = {}
         self.telemetry = telemetry
         self.load = load
         self.max_body_bytes = max_body_bytes
@@ -101,8 +109,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self._errlog.warn(("processor", type(e).__name__), "ext_proc stream failed: %r", e)
         finally:
             if ctx is not None and ctx.policy is not None:
-                ctx.outcome = _outcome(ctx, rt, outcome)
-                _done(self, ctx)
+                _stream_ended(self, ctx, rt, outcome)
 
     # -- request phase -----------------------------------------------------------------
     def _route(self, req: pb.ProcessingRequest):
@@ -115,6 +122,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self.telemetry.fallback(route_name, rt.policy_name if rt else "", reason)
             return None, rt
         ctx = RequestContext(route_name, header_map=hm.headers)
+        ctx.held = not self.completions.off_path  # else one round trip: the access log tells the end
         ctx.cluster_name = cluster
         ctx.subset = gie.subset_hint(req)
         if rt.sample and random.random() < rt.sample:
@@ -219,19 +227,48 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             begin, tokens = self.load.begin, ctx.prompt_tokens
             ctx.tickets = (begin(d.address, tokens), *(begin(e.address, tokens) for _, e in also))
             self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
-            return self.answers.pick(phase, gie.destination(d, named, candidates, rt.fallbacks, ctx.subset,
-                                                            self.load.requests), mode)
+            return _tagged(self, ctx, self.answers.pick(phase, gie.destination(d, named, candidates, rt.fallbacks,
+                                                                              ctx.subset, self.load.requests), mode))
         if isinstance(d, ClusterPick):
             ctx.cluster = d.cluster
             ctx.policy = policy
             self.runtime.acquire(policy)
             self.telemetry.picked(ctx.route, rt.policy_name, d.cluster, _perf() - t0)
-            return self.answers.to_cluster(phase, d.header, d.cluster, mode)
+            return _tagged(self, ctx, self.answers.to_cluster(phase, d.header, d.cluster, mode))
         if isinstance(d, Reject):
             self.telemetry.rejected(ctx.route, rt.policy_name, d.status, _perf() - t0)
             return self.answers.reject(d.status, d.message)
         self.telemetry.fallback(ctx.route, rt.policy_name, d.reason, detail)
         return self.answers.passthrough(phase, mode)
+
+# -- completions off the request path -------------------------------------------------
+def _tagged(self: Processor, ctx: RequestContext, resp: pb.ProcessingResponse):
+    """The answer with the request's completion id in its dynamic metadata (Envoy's
+    access log brings it back at the response's end)."""
+    c = self.completions
+    if c.mode == "stream":
+        return resp
+    hit = self._raw.get(id(resp))
+    if hit is None:
+        if len(self._raw) > 4096:
+            self._raw.clear()
+        hit = self._raw[id(resp)] = (resp, resp.SerializeToString())  # keeps resp alive: id() stays unique
+    raw = tag(hit[1], c.park(ctx))
+    return Tagged(raw) if self.raw_answers else pb.ProcessingResponse.FromString(raw)
+
+def _settled(self: Processor, ctx: RequestContext, s: Settled | None) -> None:
+    """The access log's report of a parked request's end (None: its lease ran out)."""
+    if s is None:
+        ctx.outcome = "expired"
+    else:
+        ctx.outcome = s.outcome
+        if s.status is not None:
+            ctx.status = s.status
+        if s.served is not None:
+            gie.apply_served(s.served, ctx, self.load, self.telemetry)
+        if s.first_byte is not None and ctx.first_byte_at is None:
+            ctx.first_byte_at = ctx.started + s.first_byte
+    _done(self, ctx)
 
 
 # -- response phase --------------------------------------------------------------------
@@ -270,6 +307,15 @@ def _response_body(self: Processor, req: pb.ProcessingRequest, ctx: RequestConte
     return self.answers.response_body
 
 
+def _stream_ended(p: Processor, ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> None:
+    """A routed request's ext_proc stream ended: its "done", unless the access log tells it."""
+    if ctx.completion is not None and not (ctx.held or stream_end == "error"):
+        return  # answered and left to the access log (or the lease): Envoy's stream end says nothing
+    if ctx.completion is None or p.completions.unpark(ctx):
+        ctx.outcome = _outcome(ctx, rt, stream_end)
+        _done(p, ctx)
+
+
 def _done(p: Processor, ctx: RequestContext) -> None:
     """Exactly once per routed request: release its queue slot and load tickets, count it,
     run on_done."""
@@ -301,12 +347,15 @@ def _duration(seconds: float):
 
 def _mode(rt: RouteRuntime, ctx: RequestContext | None = None) -> PM | None:
     """The processing mode the route's policy needs from Envoy (interned per combination);
-    a watched response (first-token sampling) also streams its body to us."""
+    a watched response (first-token sampling) also streams its body to us. A request left
+    to the access log is not held: its stream ends with ai-lb's answer, unless the policy
+    itself reads the response."""
     if rt.needs is None:
         return None
+    needs = rt.needs if ctx is None or ctx.held else rt.needs_unheld
     if ctx is not None and ctx.watch is not None:
-        return processing_mode(rt.needs[0], rt.needs[1], True, rt.needs[3])
-    return processing_mode(*rt.needs)
+        return processing_mode(needs[0], needs[1], True, needs[3], needs[4])
+    return processing_mode(*needs)
 
 
 def _outcome(ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> str:
