@@ -25,12 +25,14 @@ from .core import EndpointDirectory
 from .discovery.sources import EndpointSources
 from .envoy import access_log
 from .envoy.completions import Completions
+from .envoy.forwarding import Forwarder, WorkerLink
 from .envoy.processor import Processor
 from .transport import DEFAULT_LIMITS, GrpcServer, H2Limits, ReloadingTls, TlsFiles, grpcio_credentials
 from .transport.health import EXT_PROC_SERVICE, Health
 from .runtime import Runtime, load_config
 from .signals import LoadView, ScraperService
 from .state import LocalInflight, StateStores
+from .state.shared_inflight import METRICS_PORT, PID, SharedInflight
 from .telemetry import Telemetry
 
 log = logging.getLogger("ai_lb")
@@ -46,14 +48,18 @@ GRPC_OPTIONS = [
 
 
 class Gateway:
-    """One ai-lb process. ``start`` then ``wait``; ``reload`` at any time."""
+    """One ai-lb process (or one of ``server.workers``: ``worker`` links it to the others).
+    ``start`` then ``wait``; ``reload`` at any time."""
 
-    def __init__(self, config_path: str | os.PathLike, config: Config | None = None) -> None:
+    def __init__(self, config_path: str | os.PathLike, config: Config | None = None,
+                 worker: WorkerLink | None = None) -> None:
         self.config_path = Path(config_path)
         self.config = config or load_config(self.config_path)
+        self.worker = worker
         self.telemetry = Telemetry(fallback_log_interval=self.config.server.fallback_log_interval)
         # The gateway's shared signals and state, lent to every policy (PolicyEnv).
-        inflight = LocalInflight(on_change=self.telemetry.set_inflight)
+        inflight = LocalInflight(on_change=self.telemetry.set_inflight) if worker is None else \
+            SharedInflight(worker.table, worker.index, on_change=self.telemetry.set_inflight)
         self.load = LoadView(inflight)
         self.stores = StateStores(inflight)
         self.scrapes = ScraperService(on_sample=self.load.on_scrape)
@@ -61,7 +67,11 @@ class Gateway:
         self.runtime = Runtime(self.directory, self.load, self.stores, self.scrapes)
         self.runtime.on_learned = self._update_endpoint_gauges
         srv = self.config.server
-        self.completions = Completions(srv.completions, srv.completion_lease)
+        self.completions = Completions(srv.completions, srv.completion_lease, worker=worker.index if worker else 0,
+                                       nonce=worker.nonce if worker else None)
+        self.forwarder = Forwarder(self.completions, worker) if worker else None
+        if self.forwarder is not None:
+            self.completions.forward = self.forwarder.send
         self.processor = Processor(self.runtime, self.telemetry, self.load, srv.max_body_bytes, self.completions)
         self.access_log = access_log.AccessLogSink(self.completions)
         self.telemetry.completions = lambda: self.completions.stats
@@ -95,9 +105,13 @@ class Gateway:
         if self.config.server.health_listen:
             await self._start_health_listener(self.config.server.health_listen)
         host, _, port = self.config.server.metrics_listen.rpartition(":")
+        if self.worker is not None:   # the supervisor serves metrics_listen, from every worker's own port
+            host, port = "127.0.0.1", "0"
         self._metrics_server, _ = start_http_server(int(port), addr=host, registry=self.telemetry.registry)
         self.metrics_port = self._metrics_server.server_port
         loop = asyncio.get_running_loop()
+        if self.worker is not None:
+            self._tasks.append(loop.create_task(_join_workers(self), name="workers"))
         self._tasks.append(loop.create_task(self._watch_file(), name="config-watch"))
         self._tasks.append(loop.create_task(self.completions.run(), name="completion-leases"))
         self._tasks.append(loop.create_task(self._become_ready(), name="readiness"))
@@ -125,6 +139,8 @@ class Gateway:
         for t in self._tasks:
             t.cancel()
         await self.sources.stop()
+        if self.forwarder is not None:
+            self.forwarder.close()
         if self._health_srv:
             await self._health_srv.stop(0)
         if self._grpc:
@@ -174,7 +190,8 @@ class Gateway:
         tls = self.config.server.tls
         reloading = None if tls is None else ReloadingTls(TlsFiles(tls.cert, tls.key, tls.client_ca),
                                                           poll_interval=self.config.server.reload_interval)
-        srv = GrpcServer(H2Limits(max_message_size=max(DEFAULT_LIMITS.max_message_size, body + (1 << 20))), tls=reloading)
+        srv = GrpcServer(H2Limits(max_message_size=max(DEFAULT_LIMITS.max_message_size, body + (1 << 20))), tls=reloading,
+                         reuse_port=self.worker is not None)
         srv.add_method(PROCESS_METHOD, pb.ProcessingRequest.FromString, lambda st: self.processor.Process(None, st))
         srv.add_method(access_log.METHOD, access_log.decode, self.access_log.serve)
         self.health.serve_on(srv)
@@ -183,7 +200,7 @@ class Gateway:
         self._h2 = srv
 
     async def _start_grpcio(self) -> None:
-        s = grpc.aio.server(options=GRPC_OPTIONS)
+        s = grpc.aio.server(options=[*GRPC_OPTIONS[:-1], ("grpc.so_reuseport", int(self.worker is not None))])
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
         self.processor.raw_answers = False  # grpcio serializes messages itself
         access_log.add_to_grpcio(s, self.access_log)
@@ -201,7 +218,7 @@ class Gateway:
 
     async def _start_health_listener(self, listen: str) -> None:
         """Plaintext gRPC health only (kubelet's gRPC probes speak no TLS)."""
-        srv = GrpcServer()
+        srv = GrpcServer(reuse_port=self.worker is not None)
         self.health.serve_on(srv)
         host, _, port = listen.rpartition(":")
         self.health_port = await srv.start(host.strip("[]"), int(port))
@@ -244,6 +261,19 @@ class Gateway:
                 await self.reload("file change")
 
 
+async def _join_workers(gw: Gateway, sync_interval: float = 0.02) -> None:
+    """A worker's part in the set: its metrics port for the supervisor, forwarded
+    completions in, and the other workers' in-flight changes into the load view."""
+    w = gw.worker
+    assert w is not None and gw.forwarder is not None
+    w.table.set_header(w.index, METRICS_PORT, gw.metrics_port)
+    w.table.set_header(w.index, PID, os.getpid())
+    gw.forwarder.start()
+    while True:
+        await asyncio.sleep(sync_interval)
+        gw.load.sync()
+
+
 async def probe_redis(urls: list[str]) -> None:
     """Warn at start-up about every Redis store that does not answer (unresolvable host,
     refused connection, failed AUTH): the Redis policies then decide with local state,
@@ -264,18 +294,18 @@ async def probe_redis(urls: list[str]) -> None:
     await asyncio.gather(*(probe(u) for u in urls))
 
 
-async def serve(config_path: str | os.PathLike, config: Config | None = None) -> None:
-    gw = Gateway(config_path, config)
+async def serve(config_path: str | os.PathLike, config: Config | None = None, worker: WorkerLink | None = None) -> None:
+    gw = Gateway(config_path, config, worker)
     await gw.start()
     await gw.wait()
 
 
-def run(config_path: str | os.PathLike, config: Config | None = None) -> None:
+def run(config_path: str | os.PathLike, config: Config | None = None, worker: WorkerLink | None = None) -> None:
     """Run until SIGTERM/SIGINT, on uvloop when it is installed (a faster event loop)."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config_path, config))
+        asyncio.run(serve(config_path, config, worker))
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-        r.run(serve(config_path, config))
+        r.run(serve(config_path, config, worker))

@@ -12,9 +12,10 @@ lease, pops the id; the others find nothing. A completion that never comes (Envo
 out waiting for ai-lb and went native, an access log entry dropped) is ended when its
 lease runs out (``server.completion_lease``), so no in-flight count leaks for longer.
 
-Ids are ``<nonce>.<worker>.<seq>``: with ``server.workers`` > 1, an entry that reaches
-another worker is forwarded to the one that routed the request (``forward``); an id of
-another ai-lb instance is counted (``foreign``) and ignored.
+Ids are ``<nonce>.<worker>.<pid>.<seq>``: with ``server.workers`` > 1, an entry that
+reaches another worker is forwarded to the one that routed the request (``forward``); an
+id of another ai-lb instance, or of a worker that has since been replaced, is counted
+(``foreign``) and ignored.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Completions:
         self.lease = lease
         self.worker = worker
         self.nonce = nonce or os.urandom(4).hex()
-        self.prefix = f"{self.nonce}.{worker}."
+        self.prefix = f"{self.nonce}.{worker}.{os.getpid():x}."
         self.clock = clock
         self._seq = itertools.count(1)
         self._parked: dict[str, Any] = {}          # id -> RequestContext, in lease order
@@ -104,7 +105,8 @@ class Completions:
     def _elsewhere(self, cid: str, s: Settled) -> None:
         nonce, _, rest = cid.partition(".")
         worker, _, _ = rest.partition(".")
-        if nonce == self.nonce and worker.isdigit() and self.forward is not None and self.forward(int(worker), cid, s):
+        if (nonce == self.nonce and worker.isdigit() and int(worker) != self.worker and self.forward is not None
+                and self.forward(int(worker), cid, s)):
             self.stats["forwarded"] += 1
         else:
             self.stats["foreign"] += 1

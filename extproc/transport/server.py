@@ -311,9 +311,10 @@ class GrpcServer:
     """Serves registered methods (``/package.Service/Method``) on one TCP listener, in
     cleartext (h2c, prior knowledge) or, with ``tls``, over TLS (ALPN h2)."""
 
-    def __init__(self, limits: H2Limits | None = None, tls: ReloadingTls | None = None) -> None:
+    def __init__(self, limits: H2Limits | None = None, tls: ReloadingTls | None = None, reuse_port: bool = False) -> None:
         self.limits = limits or DEFAULT_LIMITS
         self.tls = tls
+        self.reuse_port = reuse_port   # several processes serve one port (server.workers)
         self.methods: dict[str, Method] = {}
         self.connections: set[H2Protocol] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -326,7 +327,7 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         tls = {} if self.tls is None else {"ssl": self.tls.listener, "ssl_handshake_timeout": self.limits.handshake_timeout}
         self._server = await loop.create_server(lambda: H2Protocol(self), host, port, reuse_address=True, backlog=1024,
-                                                **tls)
+                                                reuse_port=self.reuse_port or None, **tls)
         if self.tls is not None:
             self.tls.start()
         self.port = self._server.sockets[0].getsockname()[1]
