@@ -99,7 +99,7 @@ class Gateway:
         self.sources.start(self.config)
         self._update_endpoint_gauges()
         if self.config.server.transport == "grpcio":
-            await self._start_grpcio()
+            await _start_grpcio(self)
         else:
             await self._start_native()
         if self.config.server.health_listen:
@@ -199,23 +199,6 @@ class Gateway:
         self.grpc_port = await srv.start(host.strip("[]"), int(port))
         self._h2 = srv
 
-    async def _start_grpcio(self) -> None:
-        s = grpc.aio.server(options=[*GRPC_OPTIONS[:-1], ("grpc.so_reuseport", int(self.worker is not None))])
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
-        self.processor.raw_answers = False  # grpcio serializes messages itself
-        access_log.add_to_grpcio(s, self.access_log)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, s)
-        tls = self.config.server.tls
-        if tls is None:
-            self.grpc_port = s.add_insecure_port(self.config.server.listen)
-        else:
-            creds = grpcio_credentials(TlsFiles(tls.cert, tls.key, tls.client_ca), self.config.server.reload_interval)
-            self.grpc_port = s.add_secure_port(self.config.server.listen, creds)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {self.config.server.listen}")
-        await s.start()
-        self._grpc = s
-
     async def _start_health_listener(self, listen: str) -> None:
         """Plaintext gRPC health only (kubelet's gRPC probes speak no TLS)."""
         srv = GrpcServer(reuse_port=self.worker is not None)
@@ -259,6 +242,25 @@ class Gateway:
             if sig is not None and sig != self._file_sig:
                 self._file_sig = sig
                 await self.reload("file change")
+
+
+async def _start_grpcio(self: Gateway) -> None:
+    """``server.transport: grpcio``."""
+    s = grpc.aio.server(options=[*GRPC_OPTIONS[:-1], ("grpc.so_reuseport", int(self.worker is not None))])
+    pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
+    self.processor.raw_answers = False  # grpcio serializes messages itself
+    access_log.add_to_grpcio(s, self.access_log)
+    health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, s)
+    tls = self.config.server.tls
+    if tls is None:
+        self.grpc_port = s.add_insecure_port(self.config.server.listen)
+    else:
+        creds = grpcio_credentials(TlsFiles(tls.cert, tls.key, tls.client_ca), self.config.server.reload_interval)
+        self.grpc_port = s.add_secure_port(self.config.server.listen, creds)
+    if self.grpc_port == 0:
+        raise OSError(f"cannot listen on {self.config.server.listen}")
+    await s.start()
+    self._grpc = s
 
 
 async def _join_workers(gw: Gateway, sync_interval: float = 0.02) -> None:
