@@ -52,6 +52,8 @@ def main() -> int:
     ap.add_argument("--columns", default=",".join(COLUMNS))
     ap.add_argument("--cases", default="", help="comma-separated case indexes (default: all)")
     ap.add_argument("--json", type=Path, default=None, help="also write results here")
+    ap.add_argument("--ai-lb-source", type=Path, default=None,
+                    help="run ai-lb from this source tree instead (e.g. an older commit's `git archive`: the 'before')")
     a = ap.parse_args()
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -75,15 +77,16 @@ def main() -> int:
         procs.append(ds.start_envoy(tmp, ports, bports, message_timeout=2.0))
         ds.wait_cluster_healthy(admin, "llm_backends", len(bports))
         cfg_path = tmp / "ai-lb.yaml"
-        server = {"fallback_log_interval": 10.0, "reload_interval": 0.2, "workers": a.workers,
-                  "completions": a.completions}
+        server = {"fallback_log_interval": 10.0, "reload_interval": 0.2}
+        if a.workers != 1 or a.completions != "auto":   # an older ai-lb knows neither
+            server.update(workers=a.workers, completions=a.completions)
 
         def use(pol: str) -> None:
             ds.write_ai_lb_config(cfg_path, grpc, metrics, {"llm": {"lb_policy": pol, "endpoints": {"cluster": "llm_backends"}}},
                                   envoy_admin_port=admin, log_level="warning", server=server)
 
         use("round_robin")
-        ai = ds.start_ai_lb(tmp, cfg_path, grpc)
+        ai = ds.start_ai_lb(tmp, cfg_path, grpc) if a.ai_lb_source is None else _start_from(a.ai_lb_source, tmp, cfg_path, grpc)
         procs.append(ai)
         time.sleep(1.0)
         current = ["round_robin"]
@@ -148,6 +151,18 @@ def main() -> int:
             sglang.stop()
         for p in reversed(procs):
             p.stop()
+
+
+# Imports ai-lb from another source tree, ahead of the editable install's finder.
+_LAUNCH = ("import sys; src = sys.argv.pop(1); "
+           "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+           "sys.path.insert(0, src); sys.argv[0] = 'ai-lb'; from extproc.cli import main; sys.exit(main())")
+
+
+def _start_from(src: Path, tmp: Path, cfg: Path, grpc: int) -> ds.Proc:
+    p = ds.spawn("ai-lb", [ds.PY, "-c", _LAUNCH, str(src.resolve()), "serve", "-c", str(cfg)], tmp)
+    ds.wait_port(grpc, proc=p)
+    return p
 
 
 def _line(row: dict, columns) -> str:

@@ -37,16 +37,27 @@ def tag(raw: bytes, cid: str) -> bytes:
     """``raw`` (a serialized ProcessingResponse) with ``dynamic_metadata["ai_lb"]["id"] =
     cid`` added. Serialized messages concatenate as a merge: the map entry for namespace
     ``ai_lb`` joins the answer's others (``envoy.lb``), so a cached answer is reused as
-    bytes and only the id is encoded per request."""
+    bytes and only the id is appended per request (everything before the id's bytes
+    depends only on its length: cached)."""
     v = cid.encode()
-    value = b"\x1a" + _varint(len(v)) + v                                    # Value.string_value (3)
-    field = b"\x0a" + _varint(2) + ID_KEY.encode() + b"\x12" + _varint(len(value)) + value  # map entry
-    inner = b"\x0a" + _varint(len(field)) + field                            # Struct.fields (1)
-    value2 = b"\x2a" + _varint(len(inner)) + inner                           # Value.struct_value (5)
+    head = _heads.get(len(v))
+    if head is None:
+        head = _heads[len(v)] = _head(len(v))
+    return raw + head + v
+
+
+_heads: dict[int, bytes] = {}
+
+
+def _head(n: int) -> bytes:
+    value = b"\x1a" + _varint(n)                                            # Value.string_value (3)
+    field = b"\x0a" + _varint(2) + ID_KEY.encode() + b"\x12" + _varint(len(value) + n) + value  # map entry
+    inner = b"\x0a" + _varint(len(field) + n) + field                      # Struct.fields (1)
+    value2 = b"\x2a" + _varint(len(inner) + n) + inner                     # Value.struct_value (5)
     ns = NAMESPACE.encode()
-    entry = b"\x0a" + _varint(len(ns)) + ns + b"\x12" + _varint(len(value2)) + value2
-    outer = b"\x0a" + _varint(len(entry)) + entry                            # Struct.fields (1)
-    return raw + b"\x42" + _varint(len(outer)) + outer                       # ProcessingResponse.dynamic_metadata (8)
+    entry = b"\x0a" + _varint(len(ns)) + ns + b"\x12" + _varint(len(value2) + n) + value2
+    outer = b"\x0a" + _varint(len(entry) + n) + entry                      # Struct.fields (1)
+    return b"\x42" + _varint(len(outer) + n) + outer                       # ProcessingResponse.dynamic_metadata (8)
 
 
 def _varint(n: int) -> bytes:

@@ -55,6 +55,7 @@ class Completions:
         self._deadline: dict[str, float] = {}
         self.streams = 0                           # access log streams open to this process
         self.last_seen = -1e18                     # monotonic time of the last completion received
+        self.last_foreign = -1e18                  # ... of the last one naming another ai-lb instance
         self.on_settled: Callable[[Any, Settled | None], None] | None = None  # the processor's "done"
         self.forward: Callable[[int, str, Settled], bool] | None = None  # to another worker (multi-worker)
         self.stats = {"access_log": 0, "stream": 0, "expired": 0, "unmatched": 0, "forwarded": 0, "foreign": 0}
@@ -63,7 +64,10 @@ class Completions:
     def off_path(self) -> bool:
         """May a request decided now rely on the access log for its end?"""
         if self.mode == "auto":
-            return self.streams > 0 or self.clock() - self.last_seen < AUTO_WINDOW
+            # Several ai-lb instances behind one Envoy: its log entries reach whichever
+            # instance its streams landed on, so they cannot be relied on; hold instead.
+            now = self.clock()
+            return (self.streams > 0 or now - self.last_seen < AUTO_WINDOW) and now - self.last_foreign >= AUTO_WINDOW
         return self.mode == "access_log"
 
     def __len__(self) -> int:
@@ -110,6 +114,8 @@ class Completions:
             self.stats["forwarded"] += 1
         else:
             self.stats["foreign"] += 1
+            if nonce != self.nonce:
+                self.last_foreign = self.clock()
 
     # -- leases ----------------------------------------------------------------------------
     def expire(self) -> int:

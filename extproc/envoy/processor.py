@@ -38,6 +38,7 @@ HOLD_MARGIN_S = 1.0   # a held request's answer is due this long after its deadl
 ROUTE_ATTR = gie.ROUTE_ATTR
 SUBSET_EMPTY = "no endpoint of the proxy's subset hint is eligible"
 _EOF = grpc.aio.EOF
+_RAW: dict[int, tuple] = {}   # cached answer -> its bytes (tagged per request)
 _perf = time.perf_counter
 
 
@@ -48,7 +49,6 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         self.completions = completions if completions is not None else Completions()
         self.completions.on_settled = lambda ctx, st: _settled(self, ctx, st)
         self.raw_answers = True   # the native transport writes tagged answers as bytes; grpcio needs messages
-        self._raw: dict[int, tuple] = {}
         self.telemetry = telemetry
         self.load = load
         self.max_body_bytes = max_body_bytes
@@ -101,6 +101,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 else:
                     break  # unknown message: stop processing; Envoy carries on without us
                 await write(resp)
+                if _answered_last(ctx, rt, duplex):
+                    break  # routed, and nothing more will come: end the call now (with the answer, one write)
         except asyncio.CancelledError:
             outcome = "reset"
             raise
@@ -248,11 +250,11 @@ def _tagged(self: Processor, ctx: RequestContext, resp: pb.ProcessingResponse):
     c = self.completions
     if c.mode == "stream":
         return resp
-    hit = self._raw.get(id(resp))
+    hit = _RAW.get(id(resp))
     if hit is None:
-        if len(self._raw) > 4096:
-            self._raw.clear()
-        hit = self._raw[id(resp)] = (resp, resp.SerializeToString())  # keeps resp alive: id() stays unique
+        if len(_RAW) > 4096:
+            _RAW.clear()
+        hit = _RAW[id(resp)] = (resp, resp.SerializeToString())  # keeps resp alive: id() stays unique
     raw = tag(hit[1], c.park(ctx))
     return Tagged(raw) if self.raw_answers else pb.ProcessingResponse.FromString(raw)
 
@@ -305,6 +307,13 @@ def _response_body(self: Processor, req: pb.ProcessingRequest, ctx: RequestConte
         except Exception as e:  # noqa: BLE001
             self._errlog.warn(("hook", "response_body"), "on_response_body failed: %r", e)
     return self.answers.response_body
+
+
+def _answered_last(ctx: RequestContext | None, rt: RouteRuntime | None, duplex: DuplexBody | None) -> bool:
+    """The request is routed, its end is left to the access log and the mode ai-lb set
+    asks for nothing later: no further message will come on this stream."""
+    return (ctx is not None and ctx.completion is not None and not ctx.held and rt is not None and rt.one_trip
+            and duplex is None and ctx.watch is None)
 
 
 def _stream_ended(p: Processor, ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> None:

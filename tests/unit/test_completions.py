@@ -206,6 +206,10 @@ async def test_auto_holds_until_the_access_log_is_seen_and_never_ends_twice():
     assert s2.out[0].mode_override.response_trailer_mode == PM.SKIP
     clock.t += 120
     assert not c.off_path                                            # nothing heard for long: hold again
+    c.settle(c.prefix + "1", Settled(200, None, None, "complete"))
+    assert c.off_path
+    c.settle("0th3r.0.1.1", Settled(200, None, None, "complete"))    # another ai-lb behind the same Envoy
+    assert not c.off_path                                            # its entries may land here: hold
 
 
 @pytest.mark.asyncio
