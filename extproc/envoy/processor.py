@@ -49,9 +49,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         self.completions = completions if completions is not None else Completions()
         self.completions.on_settled = lambda ctx, st: _settled(self, ctx, st)
         self.raw_answers = True   # the native transport writes tagged answers as bytes; grpcio needs messages
-        self.telemetry = telemetry
-        self.load = load
-        self.max_body_bytes = max_body_bytes
+        self.telemetry, self.load, self.max_body_bytes = telemetry, load, max_body_bytes
         self.answers = Answers()
         self._errlog = RateLimitedLog(10.0)
         self.duplex = DuplexRequests(self)
@@ -62,7 +60,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         duplex: DuplexBody | None = None  # set when Envoy streams the request body full duplex
         resp_duplex = False               # ... and the response body
         outcome = "complete"
-        write = context.write
+        write, last = context.write, getattr(context, "write_last", None)  # write_last: the native transport's
         try:
             while True:
                 req = await context.read()
@@ -100,9 +98,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     resp = self.answers.response_trailers
                 else:
                     break  # unknown message: stop processing; Envoy carries on without us
+                if _answered_last(ctx, rt, duplex) and last is not None:
+                    last(resp)  # routed, and nothing more will come: the answer and the call's end, one send
+                    break
                 await write(resp)
-                if _answered_last(ctx, rt, duplex):
-                    break  # routed, and nothing more will come: end the call now (with the answer, one write)
         except asyncio.CancelledError:
             outcome = "reset"
             raise

@@ -85,6 +85,11 @@ class GrpcStream:
     async def write(self, msg: Any) -> None:
         self.proto.send_message(self, msg.SerializeToString())
 
+    def write_last(self, msg: Any) -> None:
+        """The call's last message: it leaves with the status trailers, in one send, when
+        the handler returns right after (grpcio has no such call: use ``write``)."""
+        self.proto.send_message(self, msg.SerializeToString(), flush=False)
+
     def received(self, data: bytes, end_stream: int) -> None:
         """Request bytes in: queue the messages they complete, wake the handler. Raises
         ``GrpcStatusError`` for a message the call cannot take (the call then fails)."""
@@ -227,7 +232,7 @@ class H2Protocol(asyncio.Protocol):
         self._finish(s, g.TRAILERS_OK)
 
     # -- calls out -----------------------------------------------------------------------
-    def send_message(self, s: GrpcStream, raw: bytes) -> None:
+    def send_message(self, s: GrpcStream, raw: bytes, flush: bool = True) -> None:
         if s.closed:
             return
         head = b""
@@ -235,7 +240,8 @@ class H2Protocol(asyncio.Protocol):
             s.headers_sent = True
             head = g.RESPONSE_HEADERS
         self.conn.send_data(s.sid, b"\x00" + len(raw).to_bytes(4, "big") + raw, head)  # grpc.encode_message
-        self._schedule_flush()
+        if flush:
+            self._schedule_flush()
 
     def _finish(self, s: GrpcStream, trailers: bytes) -> None:
         """Send the status; a call that never wrote gets a trailers-only response."""
