@@ -32,7 +32,7 @@ from .transport.health import EXT_PROC_SERVICE, Health
 from .runtime import Runtime, load_config
 from .signals import LoadView, ScraperService
 from .state import LocalInflight, StateStores
-from .state.shared_inflight import METRICS_PORT, PID, SharedInflight
+from .state.shared_inflight import CONNS, METRICS_PORT, PID, SharedInflight
 from .telemetry import Telemetry
 
 log = logging.getLogger("ai_lb")
@@ -89,6 +89,7 @@ class Gateway:
         self._file_sig = self._file_signature()
         self._stopping = asyncio.Event()
         self.grpc_port = 0
+        self._sid_marks: dict = {}   # connection -> its last stream id at the last balancing look
         self.health_port = 0
         self.metrics_port = 0
 
@@ -263,17 +264,52 @@ async def _start_grpcio(self: Gateway) -> None:
     self._grpc = s
 
 
-async def _join_workers(gw: Gateway, sync_interval: float = 0.02) -> None:
+async def _join_workers(gw: Gateway, sync_interval: float = 0.02, balance_interval: float = 0.5) -> None:
     """A worker's part in the set: its metrics port for the supervisor, forwarded
-    completions in, and the other workers' in-flight changes into the load view."""
+    completions in, the other workers' in-flight changes into the load view, and its
+    share of Envoy's connections."""
     w = gw.worker
     assert w is not None and gw.forwarder is not None
     w.table.set_header(w.index, METRICS_PORT, gw.metrics_port)
     w.table.set_header(w.index, PID, os.getpid())
     gw.forwarder.start()
+    loop = asyncio.get_running_loop()
+    next_balance = loop.time() + balance_interval
     while True:
         await asyncio.sleep(sync_interval)
         gw.load.sync()
+        if loop.time() >= next_balance:
+            _even_out(gw)
+            next_balance = loop.time() + balance_interval
+
+
+def _even_out(gw: Gateway, busy_at: int = 10) -> bool:
+    """The kernel deals connections to workers by a hash (SO_REUSEPORT), and Envoy keeps
+    one per worker thread: two can land on one worker while another idles. Connections
+    that carried at least ``busy_at`` calls since the last look count (not Envoy's health
+    checker's); a worker with at least two more than the least loaded one asks Envoy
+    (GOAWAY, graceful: running calls finish) to move one; Envoy reconnects, and the kernel
+    deals again. Returns whether it asked."""
+    w, srv = gw.worker, gw._h2
+    if w is None or srv is None:
+        return False
+    marks, new = gw._sid_marks, {}
+    busy = []
+    for c in srv.connections:
+        if c.conn.goaway_sent:
+            continue
+        new[c] = sid = c.conn.last_sid
+        if (sid - marks.get(c, 0)) // 2 >= busy_at:
+            busy.append(c)
+    gw._sid_marks = new
+    w.table.set_header(w.index, CONNS, len(busy))
+    counts = [w.table.header(i, CONNS) for i in range(w.count) if w.table.header(i, PID)]
+    if len(counts) < 2 or len(busy) < max(counts) or max(counts) - min(counts) < 2:
+        return False
+    victim = min(busy, key=lambda c: new[c] - marks.get(c, 0))
+    log.info("worker %d: %d of %d busy connections; asking Envoy to move one", w.index, len(busy), sum(counts))
+    victim.shutdown()
+    return True
 
 
 async def probe_redis(urls: list[str]) -> None:

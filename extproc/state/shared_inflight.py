@@ -9,7 +9,8 @@ A row is a small open-addressing hash table of ``slots`` entries (key, count), k
 64-bit hash of the endpoint address (0 = empty), written by its worker alone; an entry,
 once made, never moves, so readers cache where an address sits in each row. Row headers
 carry the worker's generation (bumped when a worker is replaced and its row cleared:
-readers drop their cached positions) and its metrics port (for the supervisor).
+readers drop their cached positions), its metrics port (for the supervisor) and how many
+client connections it serves (workers even them out: ``server._join_workers``).
 
 ``SharedInflight`` has ``LocalInflight``'s interface: ``get`` is the host-wide count
 (every worker's requests), ``own`` this worker's.
@@ -23,7 +24,7 @@ from typing import Callable
 import xxhash
 
 HEADER = 8                  # int64 fields at the start of each row
-GEN, METRICS_PORT, PID = 0, 1, 2
+GEN, METRICS_PORT, PID, CONNS = 0, 1, 2, 3
 _full_warned = False
 
 

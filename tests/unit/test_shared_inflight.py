@@ -99,3 +99,37 @@ def test_merged_metrics_label_every_sample_with_its_worker(n):
     assert 'ai_lb_things_total{route="llm",worker="0"} 1.0' in text
     assert 'ai_lb_things_total{route="llm",worker="1"} 2.0' in text
     assert text.count("# TYPE ai_lb_things_total counter") == 1   # one family, every worker's samples
+
+
+def test_a_worker_with_two_more_busy_connections_asks_envoy_to_move_one():
+    from types import SimpleNamespace as NS
+
+    from extproc.envoy.forwarding import WorkerLink
+    from extproc.server import _even_out
+    from extproc.state.shared_inflight import PID
+
+    t = SharedTable(2, slots=8)
+    for i in range(2):
+        t.set_header(i, PID, 100 + i)
+
+    class Conn:   # what _even_out reads of a transport connection
+        def __init__(self, streams):
+            self.conn, self.calls, self.moved, self.streams = NS(goaway_sent=False, last_sid=0), {}, False, streams
+
+        def shutdown(self):
+            self.moved = True
+
+    conn = Conn
+
+    hot, warm, health = conn(200), conn(50), conn(2)   # the health checker's connection is never "busy"
+    gw = NS(worker=WorkerLink(0, 2, t), _h2=NS(connections={hot, warm, health}), _sid_marks={})
+    other = NS(worker=WorkerLink(1, 2, t), _h2=NS(connections=set()), _sid_marks={})
+    for c in (hot, warm, health):
+        c.conn.last_sid = 2 * c.streams
+    assert _even_out(other) is False          # worker 1 publishes 0 busy connections
+    assert _even_out(gw) is True              # 2 busy vs 0: the less busy of the two moves
+    assert warm.moved and not hot.moved and not health.moved
+    warm.conn.goaway_sent = True
+    for c in (hot, health):
+        c.conn.last_sid += 2 * c.streams
+    assert _even_out(gw) is False             # 1 vs 0: nothing to gain
