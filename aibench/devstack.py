@@ -180,10 +180,16 @@ class EnvoyPorts:
 
 
 def render_envoy(dst: Path, ports: EnvoyPorts, backends: Iterable[int], hc_interval: float = 0.5,
-                 message_timeout: float | None = None, extra_backends_clusters: dict[str, list[int]] | None = None) -> Path:
+                 message_timeout: float | None = None, extra_backends_clusters: dict[str, list[int]] | None = None,
+                 access_log: bool = True, ai_lb_cluster: dict | None = None) -> Path:
+    """The reference config on these ports. ``access_log=False`` drops the completion access
+    log (ai-lb then holds streams, or leases run out); ``ai_lb_cluster`` is merged into the
+    ai_lb cluster (connection pool settings)."""
     cfg = yaml.safe_load(ENVOY_YAML.read_text())
     cfg["admin"]["address"]["socket_address"]["port_value"] = ports.admin
     lst = cfg["static_resources"]["listeners"][0]
+    if not access_log:
+        lst["filter_chains"][0]["filters"][0]["typed_config"].pop("access_log", None)
     lst["address"]["socket_address"]["port_value"] = ports.listen
     clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
     be = clusters["llm_backends"]
@@ -193,6 +199,7 @@ def render_envoy(dst: Path, ports: EnvoyPorts, backends: Iterable[int], hc_inter
         hc["interval"] = hc["no_traffic_interval"] = f"{hc_interval}s"
         hc["timeout"] = f"{max(hc_interval, 0.25)}s"
     ai = clusters["ai_lb"]
+    ai.update(ai_lb_cluster or {})
     ai["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = ports.ai_lb
     for hc in ai.get("health_checks", []):
         hc["interval"] = hc["no_traffic_interval"] = f"{hc_interval}s"

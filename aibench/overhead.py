@@ -1,14 +1,18 @@
-"""Gateway overhead: Envoy + ai-lb against Envoy's native round robin, in one run.
+"""Gateway overhead: Envoy's round robin, Envoy + ai-lb and sglang-router side by side, in one run.
 
 Instant backends (an Envoy answering with ``direct_response``) isolate the cost of the
-gateway. The same gateway Envoy serves both variants: ``/native/...`` has ext_proc off,
-``/...`` goes through ai-lb, and runs alternate between them so machine noise hits both.
-Load comes from ``wrk`` (closed loop, fixed connections = concurrency).
+gateway. The same gateway Envoy serves the first three columns: ``/native/...`` has
+ext_proc off (Envoy round robin), ``/...`` goes through ai-lb (round_robin: headers only;
+prefix_cache: reads and hashes the body). sglang-router is put in front of the same
+backends. Within each round every column runs once, in turn, and cells are medians over
+rounds, so machine noise hits every column alike. Load comes from ``wrk`` (closed loop,
+connections = concurrency); ai-lb's CPU per request is read from ``/proc`` during its runs.
 
-    python -m aibench.overhead               # full run (~2 min)
-    python -m aibench.overhead --quick       # shorter runs
+    python -m aibench.overhead                 # full run (~6 min)
+    python -m aibench.overhead --quick         # 1 round, short runs
+    python -m aibench.overhead --workers 2     # ai-lb with server.workers: 2
 
-Prints a table; copy it into docs/benchmarks.md.
+Prints a table and the issue's targets; copy them into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -17,10 +21,8 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,62 +31,14 @@ from pathlib import Path
 import yaml
 
 from . import devstack as ds
+from .overhead_wrk import LUA, chat_body, instant_backends_config, run_wrk
 
-LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local f = io.open(os.getenv("BODY_FILE"), "rb"); wrk.body = f:read("*a"); f:close()
-local think = tonumber(os.getenv("THINK_MS") or "0")
-function delay() return think end
-"""
-CANNED = json.dumps({"id": "cmpl-1", "object": "chat.completion", "model": "m",
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-                     "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}})
-
-
-def instant_backends_config(admin: int, ports: list[int]) -> dict:
-    listeners = []
-    for p in ports:
-        listeners.append({
-            "name": f"b{p}", "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}},
-            "per_connection_buffer_limit_bytes": 16 << 20,
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": f"b{p}",
-                "route_config": {"virtual_hosts": [{"name": "b", "domains": ["*"], "routes": [{
-                    "match": {"prefix": "/"},
-                    "direct_response": {"status": 200, "body": {"inline_string": CANNED}},
-                    "response_headers_to_add": [{"header": {"key": "x-sim-server", "value": str(p)}}]}]}]},
-                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]})
-    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-            "static_resources": {"listeners": listeners}}
-
-
-def chat_body(size: int) -> bytes:
-    msg = {"model": "m", "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                                      {"role": "user", "content": ""}], "max_tokens": 16}
-    filler = size - len(json.dumps(msg))
-    msg["messages"][1]["content"] = ("lorem ipsum dolor sit amet " * (filler // 27 + 1))[:max(filler, 0)]
-    return json.dumps(msg).encode()
-
-
-def parse_ms(v: str) -> float:
-    m = re.match(r"([\d.]+)(us|ms|s)", v)
-    n, unit = float(m.group(1)), m.group(2)
-    return n / 1000 if unit == "us" else n * 1000 if unit == "s" else n
-
-
-def run_wrk(url: str, body_file: Path, lua: Path, conc: int, seconds: float, think_ms: float = 0) -> dict:
-    env = dict(os.environ, BODY_FILE=str(body_file), THINK_MS=str(think_ms))
-    out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(lua), url],
-                         capture_output=True, text=True, env=env, timeout=seconds + 30).stdout
-    pct = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M))
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = re.search(r"Socket errors: (.*)", out)
-    return {"p50": parse_ms(pct["50"]), "p90": parse_ms(pct["90"]), "p99": parse_ms(pct["99"]), "rps": rps,
-            "non2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors.group(1) if errors else ""}
+# label, body bytes, connections, think time per connection (ms)
+CASES = [("1 KB, c=1", 1024, 1, 0.0),
+         ("1 KB, c=32, 40 ms think", 1024, 32, 40.0),
+         ("220 KB, c=20, 40 ms think", 220 * 1024, 20, 40.0),
+         ("1 KB, c=32, flat out", 1024, 32, 0.0)]
+COLUMNS = ("envoy-rr", "ai-lb:round_robin", "ai-lb:prefix_cache", "sglang-router")
 
 
 def main() -> int:
@@ -92,19 +46,25 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=1, help="ai-lb server.workers")
+    ap.add_argument("--completions", default="auto", help="ai-lb server.completions (auto, access_log, stream)")
+    ap.add_argument("--sglang-policy", default="round_robin", help="sglang-router --policy")
+    ap.add_argument("--columns", default=",".join(COLUMNS))
+    ap.add_argument("--cases", default="", help="comma-separated case indexes (default: all)")
     ap.add_argument("--json", type=Path, default=None, help="also write results here")
-    ap.add_argument("--think-ms", type=float, default=None,
-                    help="pause per connection between requests (default 40): keeps the 2-core machine "
-                         "below saturation so latency measures the gateway, not CPU queueing; 0 = flat out")
+    ap.add_argument("--ai-lb-source", type=Path, default=None,
+                    help="run ai-lb from this source tree instead (e.g. an older commit's `git archive`: the 'before')")
     a = ap.parse_args()
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 2
-    seconds = a.seconds or (3 if a.quick else 6)
-    rounds = a.rounds or (1 if a.quick else 2)
-    think_modes = [40.0, 0.0] if a.think_ms is None else [a.think_ms]
+    seconds = a.seconds or (3 if a.quick else 5)
+    rounds = a.rounds or (1 if a.quick else 3)
+    columns = [c for c in a.columns.split(",") if c]
+    cases = [CASES[int(i)] for i in a.cases.split(",")] if a.cases else CASES
     tmp = Path(tempfile.mkdtemp(prefix="ai-lb-bench-"))
     procs: list[ds.Proc] = []
+    sglang = None
     try:
         bports = ds.free_ports(4)
         badmin, listen, admin, grpc, metrics = ds.free_ports(5)
@@ -117,62 +77,148 @@ def main() -> int:
         procs.append(ds.start_envoy(tmp, ports, bports, message_timeout=2.0))
         ds.wait_cluster_healthy(admin, "llm_backends", len(bports))
         cfg_path = tmp / "ai-lb.yaml"
-        route = lambda pol: {"llm": {"lb_policy": pol, "endpoints": {"cluster": "llm_backends"}}}  # noqa: E731
-        ds.write_ai_lb_config(cfg_path, grpc, metrics, route("round_robin"), envoy_admin_port=admin,
-                              log_level="warning", server={"fallback_log_interval": 10.0, "reload_interval": 0.2})
-        procs.append(ds.start_ai_lb(tmp, cfg_path, grpc))
+        server = {"fallback_log_interval": 10.0, "reload_interval": 0.2}
+        if a.workers != 1 or a.completions != "auto":   # an older ai-lb knows neither
+            server.update(workers=a.workers, completions=a.completions)
+
+        def use(pol: str) -> None:
+            ds.write_ai_lb_config(cfg_path, grpc, metrics, {"llm": {"lb_policy": pol, "endpoints": {"cluster": "llm_backends"}}},
+                                  envoy_admin_port=admin, log_level="warning", server=server)
+
+        use("round_robin")
+        ai = ds.start_ai_lb(tmp, cfg_path, grpc) if a.ai_lb_source is None else _start_from(a.ai_lb_source, tmp, cfg_path, grpc)
+        procs.append(ai)
         time.sleep(1.0)
+        current = ["round_robin"]
+        if "sglang-router" in columns:
+            from .systems.api import Backends
+            from .systems.peers import SglangRouter
+
+            sglang = SglangRouter(policy=a.sglang_policy)
+            sglang_url = sglang.start(Backends([f"127.0.0.1:{p}" for p in bports]), tmp)
         lua = tmp / "post.lua"
         lua.write_text(LUA)
         base = f"http://127.0.0.1:{listen}"
-        results = []
-        cases = [("1 KB chat body", 1024, 32), ("220 KB chat body", 220 * 1024, 20)]
-        policies = [("round_robin", "headers only"), ("prefix_cache", "reads the body")]
+
+        def run(col: str, body: Path, conc: int, secs: float, think: float) -> dict:
+            if col.startswith("ai-lb:"):
+                pol = col.split(":", 1)[1]
+                if current[0] != pol:
+                    use(pol)
+                    current[0] = pol
+                    time.sleep(0.8)  # the file watcher applies it (reload_interval 0.2 s)
+                return run_wrk(base + "/v1/chat/completions", body, lua, conc, secs, think, cpu_of={"ai-lb": ai.p.pid})
+            url = base + "/native/v1/chat/completions" if col == "envoy-rr" else sglang_url + "/v1/chat/completions"
+            return run_wrk(url, body, lua, conc, secs, think)
+
         print(f"# gateway overhead: {seconds}s x {rounds} round(s) per cell, instant backends x{len(bports)}, "
-              f"{os.cpu_count()} CPUs", flush=True)
-        for think in think_modes:
-            for label, size, conc in cases:
-                body = tmp / f"body{size}.json"
-                body.write_bytes(chat_body(size))
-                for pol, what in policies:
-                    ds.write_ai_lb_config(cfg_path, grpc, metrics, route(pol), envoy_admin_port=admin,
-                                          log_level="warning",
-                                          server={"fallback_log_interval": 10.0, "reload_interval": 0.2})
-                    time.sleep(0.8)
-                    run_wrk(base + "/v1/chat/completions", body, lua, conc, 1, think)  # warm-up
-                    nat, lb = [], []
-                    for _ in range(rounds):
-                        nat.append(run_wrk(base + "/native/v1/chat/completions", body, lua, conc, seconds, think))
-                        lb.append(run_wrk(base + "/v1/chat/completions", body, lua, conc, seconds, think))
-                    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
-                    row = {"case": label, "concurrency": conc, "think_ms": think, "policy": pol, "policy_kind": what,
-                           **{f"native_{k}": med(nat, k) for k in ("p50", "p90", "p99", "rps")},
-                           **{f"ai_lb_{k}": med(lb, k) for k in ("p50", "p90", "p99", "rps")},
-                           "errors": sum(r["non2xx"] for r in nat + lb)}
-                    row["added_p50_ms"] = row["ai_lb_p50"] - row["native_p50"]
-                    row["added_p99_ms"] = row["ai_lb_p99"] - row["native_p99"]
-                    results.append(row)
-                    print(f"{label:>16} c={conc:<3} think={think:<4.0f} {pol:<15} native p50 {row['native_p50']:.2f} "
-                          f"p99 {row['native_p99']:.2f} ({row['native_rps']:.0f} rps) | ai-lb p50 {row['ai_lb_p50']:.2f} "
-                          f"p99 {row['ai_lb_p99']:.2f} ({row['ai_lb_rps']:.0f} rps) | added p50 {row['added_p50_ms']:+.2f} ms "
-                          f"p99 {row['added_p99_ms']:+.2f} ms | non-2xx {row['errors']}", flush=True)
+              f"{os.cpu_count()} CPUs, ai-lb workers={a.workers} completions={a.completions}, "
+              f"sglang-router --policy {a.sglang_policy}", flush=True)
+        results = []
+        for label, size, conc, think in cases:
+            body = tmp / f"body{size}.json"
+            body.write_bytes(chat_body(size))
+            for col in columns:
+                run(col, body, conc, 1, think)  # warm-up
+            runs: dict[str, list[dict]] = {c: [] for c in columns}
+            for _ in range(rounds):
+                for col in columns:
+                    runs[col].append(run(col, body, conc, seconds, think))
+            row = {"case": label, "body_bytes": size, "concurrency": conc, "think_ms": think}
+            for col, rs in runs.items():
+                for k in ("p50", "p90", "p99", "rps", "cpu_us_ai-lb", "machine_busy"):
+                    vals = [r[k] for r in rs if r.get(k) is not None]
+                    if vals:
+                        row[f"{col} {k}"] = statistics.median(vals)
+                row[f"{col} errors"] = sum(r["non2xx"] for r in rs)
+            results.append(row)
+            print(_line(row, columns), flush=True)
         print()
-        print("| body | conc | think | ai-lb policy | native p50 / p99 (ms) | ai-lb p50 / p99 (ms) | added p50 | added p99 | rps native / ai-lb |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in results:
-            print(f"| {r['case']} | {r['concurrency']} | {r['think_ms']:.0f} ms | {r['policy']} ({r['policy_kind']}) | {r['native_p50']:.2f} / {r['native_p99']:.2f} "
-                  f"| {r['ai_lb_p50']:.2f} / {r['ai_lb_p99']:.2f} | {r['added_p50_ms']:+.2f} ms | {r['added_p99_ms']:+.2f} ms "
-                  f"| {r['native_rps']:.0f} / {r['ai_lb_rps']:.0f} |")
+        print(table(results, columns))
+        print()
+        for line in targets(results):
+            print(line)
         dps = decisions_per_second()
         print()
         for k, v in dps.items():
             print(f"in-process decisions/s on one core, {k}: {v:,.0f}")
         if a.json:
-            a.json.write_text(json.dumps({"overhead": results, "decisions_per_second": dps}, indent=2))
+            a.json.write_text(json.dumps({"overhead": results, "decisions_per_second": dps,
+                                          "workers": a.workers, "completions": a.completions}, indent=2))
         return 0
     finally:
+        if sglang is not None:
+            sglang.stop()
         for p in reversed(procs):
             p.stop()
+
+
+# Imports ai-lb from another source tree, ahead of the editable install's finder.
+_LAUNCH = ("import sys; src = sys.argv.pop(1); "
+           "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+           "sys.path.insert(0, src); sys.argv[0] = 'ai-lb'; from extproc.cli import main; sys.exit(main())")
+
+
+def _start_from(src: Path, tmp: Path, cfg: Path, grpc: int) -> ds.Proc:
+    p = ds.spawn("ai-lb", [ds.PY, "-c", _LAUNCH, str(src.resolve()), "serve", "-c", str(cfg)], tmp)
+    ds.wait_port(grpc, proc=p)
+    return p
+
+
+def _line(row: dict, columns) -> str:
+    cells = [f"{c} {row.get(f'{c} p50', 0):.2f}/{row.get(f'{c} p99', 0):.2f} ms {row.get(f'{c} rps', 0):.0f} rps"
+             for c in columns]
+    return f"{row['case']:>26}: " + " | ".join(cells)
+
+
+def table(results: list[dict], columns) -> str:
+    head = "| case | " + " | ".join(f"{c} p50 / p99 (ms), req/s" for c in columns) + " | ai-lb CPU per request (µs): rr / prefix |"
+    out = [head, "|---" * (len(columns) + 2) + "|"]
+    for r in results:
+        cells = [f"{r.get(f'{c} p50', float('nan')):.2f} / {r.get(f'{c} p99', float('nan')):.2f}, "
+                 f"{r.get(f'{c} rps', float('nan')):,.0f}" for c in columns]
+        cpu = " / ".join(f"{r[k]:.0f}" if r.get(k) is not None else "-"
+                         for k in ("ai-lb:round_robin cpu_us_ai-lb", "ai-lb:prefix_cache cpu_us_ai-lb"))
+        out.append(f"| {r['case']} | " + " | ".join(cells) + f" | {cpu} |")
+    return "\n".join(out)
+
+
+def targets(results: list[dict]) -> list[str]:
+    """The issue's targets, met or missed, from this run."""
+    by = {r["case"]: r for r in results}
+    out = []
+
+    def get(case, col, k):
+        return by.get(case, {}).get(f"{col} {k}")
+
+    def verdict(ok):
+        return "met" if ok else "MISSED"
+
+    for col in ("ai-lb:round_robin", "ai-lb:prefix_cache"):
+        nat, lb = get("1 KB, c=1", "envoy-rr", "p50"), get("1 KB, c=1", col, "p50")
+        if nat and lb:
+            out.append(f"1 KB c=1 p50 <= 1.3x Envoy RR, {col}: {lb / nat:.2f}x ({lb:.2f} vs {nat:.2f} ms): "
+                       f"{verdict(lb / nat <= 1.3)}")
+        case = "1 KB, c=32, 40 ms think"
+        if get(case, col, "p50") is not None and get(case, "envoy-rr", "p50") is not None:
+            d50 = get(case, col, "p50") - get(case, "envoy-rr", "p50")
+            d99 = get(case, col, "p99") - get(case, "envoy-rr", "p99")
+            out.append(f"1 KB c=32 ~700 rps, {col}: added p50 {d50:+.2f} ms (<= 0.3: {verdict(d50 <= 0.3)}), "
+                       f"added p99 {d99:+.2f} ms (<= 1.5: {verdict(d99 <= 1.5)})")
+        case = "1 KB, c=32, flat out"
+        if get(case, col, "rps") and get(case, "envoy-rr", "rps"):
+            ratio = get(case, col, "rps") / get(case, "envoy-rr", "rps")
+            out.append(f"flat out req/s >= 0.85x Envoy RR, {col}: {ratio:.2f}x: {verdict(ratio >= 0.85)}")
+    case = "220 KB, c=20, 40 ms think"
+    if get(case, "ai-lb:prefix_cache", "p50") is not None and get(case, "envoy-rr", "p50") is not None:
+        d50 = get(case, "ai-lb:prefix_cache", "p50") - get(case, "envoy-rr", "p50")
+        d99 = get(case, "ai-lb:prefix_cache", "p99") - get(case, "envoy-rr", "p99")
+        out.append(f"220 KB c=20, prefix_cache: added p50 {d50:+.2f} ms (<= 1.5: {verdict(d50 <= 1.5)}), "
+                   f"added p99 {d99:+.2f} ms (<= 5: {verdict(d99 <= 5)})")
+    cpus = [(r["case"], r["ai-lb:round_robin cpu_us_ai-lb"]) for r in results if r.get("ai-lb:round_robin cpu_us_ai-lb")]
+    for case, us in cpus:
+        out.append(f"ai-lb CPU per request, round_robin, {case}: {us:.0f} µs (<= 50: {verdict(us <= 50)})")
+    return out
 
 
 def decisions_per_second(seconds: float = 2.0) -> dict[str, float]:
@@ -220,6 +266,7 @@ def decisions_per_second(seconds: float = 2.0) -> dict[str, float]:
                 for _ in range(200):
                     await p.Process(None, Stream(list(msgs)))
                 n += 200
+                await asyncio.sleep(0)
             return n / (time.perf_counter() - t0)
 
         out[pol] = asyncio.run(go())

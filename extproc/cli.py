@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is None:
             return 2
         setup_logging(cfg.log_level, cfg.log_format)
+        if cfg.server.workers > 1:  # several processes on one port, a supervisor over them
+            from .supervisor import run as run_workers
+
+            run_workers(a.config, cfg)
+            return 0
         from .server import run
 
         run(a.config, cfg)

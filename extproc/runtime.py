@@ -46,8 +46,8 @@ class RouteRuntime:
     """One route's compiled config; read on every request, so plain attributes only."""
 
     __slots__ = ("name", "config", "policy", "policy_name", "enabled", "needs_body", "needs", "endpoints",
-                 "by_endpoint", "fallbacks", "sample", "gate", "_cand", "_cand_version", "_told", "_by_cluster",
-                 "on_learned", "no_prefill")
+                 "by_endpoint", "fallbacks", "sample", "gate", "needs_unheld", "one_trip", "_cand", "_cand_version",
+                 "_told", "_by_cluster", "on_learned", "no_prefill")
 
     def __init__(self, config: RouteConfig, policy: Policy | None, gate: Gate | None = None,
                  server: ServerConfig | None = None) -> None:
@@ -72,6 +72,13 @@ class RouteRuntime:
         self.needs: tuple[bool, bool, bool, bool] | None = (
             policy.needs_body, policy.needs_response_headers or self.fallbacks > 0, policy.needs_response_body,
             buffered) if policy else None
+        # ... when the access log reports the end: it names the endpoint that served, so the
+        # response headers are asked for only when the policy reads them, and nothing holds
+        # the stream (the fifth field: response trailers).
+        self.needs_unheld: tuple | None = (
+            policy.needs_body, policy.needs_response_headers and not policy.status_only, policy.needs_response_body,
+            buffered, False) if policy else None
+        self.one_trip = bool(policy) and not (self.needs_unheld[1] or self.needs_unheld[2])
         self.sample = policy.first_token_sample if policy and not policy.needs_response_body else 0.0
         self._cand: tuple = ()
         self._cand_version = -1

@@ -27,12 +27,16 @@ from .core import EndpointDirectory
 from .discovery.sources import EndpointSources
 from .envoy.eds import METHOD as EDS_METHOD
 from .envoy.eds import EdsService, GrpcioEds, registered_view
+from .envoy import access_log
+from .envoy.completions import Completions
+from .envoy.forwarding import Forwarder, WorkerLink
 from .envoy.processor import Processor
 from .transport import DEFAULT_LIMITS, GrpcServer, H2Limits, ReloadingTls, TlsFiles, grpcio_credentials
 from .transport.health import EXT_PROC_SERVICE, Health
 from .runtime import Runtime, load_config
 from .signals import LoadView, ScraperService
 from .state import LocalInflight, StateStores
+from .state.shared_inflight import CONNS, METRICS_PORT, PID, SharedInflight
 from .telemetry import Telemetry
 
 log = logging.getLogger("ai_lb")
@@ -48,21 +52,33 @@ GRPC_OPTIONS = [
 
 
 class Gateway:
-    """One ai-lb process. ``start`` then ``wait``; ``reload`` at any time."""
+    """One ai-lb process (or one of ``server.workers``: ``worker`` links it to the others).
+    ``start`` then ``wait``; ``reload`` at any time."""
 
-    def __init__(self, config_path: str | os.PathLike, config: Config | None = None) -> None:
+    def __init__(self, config_path: str | os.PathLike, config: Config | None = None,
+                 worker: WorkerLink | None = None) -> None:
         self.config_path = Path(config_path)
         self.config = config or load_config(self.config_path)
+        self.worker = worker
         self.telemetry = Telemetry(fallback_log_interval=self.config.server.fallback_log_interval)
         # The gateway's shared signals and state, lent to every policy (PolicyEnv).
-        inflight = LocalInflight(on_change=self.telemetry.set_inflight)
+        inflight = LocalInflight(on_change=self.telemetry.set_inflight) if worker is None else \
+            SharedInflight(worker.table, worker.index, on_change=self.telemetry.set_inflight)
         self.load = LoadView(inflight)
         self.stores = StateStores(inflight)
         self.scrapes = ScraperService(on_sample=self.load.on_scrape)
         self.directory = EndpointDirectory()
         self.runtime = Runtime(self.directory, self.load, self.stores, self.scrapes)
         self.runtime.on_learned = self._update_endpoint_gauges
-        self.processor = Processor(self.runtime, self.telemetry, self.load, self.config.server.max_body_bytes)
+        srv = self.config.server
+        self.completions = Completions(srv.completions, srv.completion_lease, worker=worker.index if worker else 0,
+                                       nonce=worker.nonce if worker else None)
+        self.forwarder = Forwarder(self.completions, worker) if worker else None
+        if self.forwarder is not None:
+            self.completions.forward = self.forwarder.send
+        self.processor = Processor(self.runtime, self.telemetry, self.load, srv.max_body_bytes, self.completions)
+        self.access_log = access_log.AccessLogSink(self.completions)
+        self.telemetry.completions = lambda: self.completions.stats
         self.telemetry.policy_stats = lambda: [(n, r.policy_name, r.policy.stats)
                                                for n, r in self.runtime.routes.items() if r.policy is not None]
         self.telemetry.state_events = lambda: self.stores.events
@@ -78,6 +94,7 @@ class Gateway:
         self._file_sig = self._file_signature()
         self._stopping = asyncio.Event()
         self.grpc_port = 0
+        self._sid_marks: dict = {}   # connection -> its last stream id at the last balancing look
         self.health_port = 0
         self.metrics_port = 0
 
@@ -89,16 +106,21 @@ class Gateway:
         await self.sources.start_registry(self.config)
         self._update_endpoint_gauges()
         if self.config.server.transport == "grpcio":
-            await self._start_grpcio()
+            await _start_grpcio(self)
         else:
             await self._start_native()
         if self.config.server.health_listen:
             await self._start_health_listener(self.config.server.health_listen)
         host, _, port = self.config.server.metrics_listen.rpartition(":")
+        if self.worker is not None:   # the supervisor serves metrics_listen, from every worker's own port
+            host, port = "127.0.0.1", "0"
         self._metrics_server, _ = start_http_server(int(port), addr=host, registry=self.telemetry.registry)
         self.metrics_port = self._metrics_server.server_port
         loop = asyncio.get_running_loop()
+        if self.worker is not None:
+            self._tasks.append(loop.create_task(_join_workers(self), name="workers"))
         self._tasks.append(loop.create_task(self._watch_file(), name="config-watch"))
+        self._tasks.append(loop.create_task(self.completions.run(), name="completion-leases"))
         self._tasks.append(loop.create_task(self._become_ready(), name="readiness"))
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
@@ -124,6 +146,8 @@ class Gateway:
         for t in self._tasks:
             t.cancel()
         await self.sources.stop()
+        if self.forwarder is not None:
+            self.forwarder.close()
         if self._health_srv:
             await self._health_srv.stop(0)
         if self._grpc:
@@ -133,6 +157,7 @@ class Gateway:
         if self._metrics_server:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        self.completions.close()  # parked requests end now: their policies' state is released
         await self.runtime.close()
         await self.scrapes.close()
         await self.stores.close()
@@ -153,7 +178,8 @@ class Gateway:
                       why, type(e).__name__, redact(str(e)))
             return False
         old, self.config = self.config, new
-        for fname in ("listen", "metrics_listen", "max_body_bytes", "transport", "tls", "health_listen"):
+        self.completions.mode, self.completions.lease = new.server.completions, new.server.completion_lease
+        for fname in ("listen", "metrics_listen", "max_body_bytes", "transport", "tls", "health_listen", "workers"):
             if getattr(old.server, fname) != getattr(new.server, fname):
                 log.warning("server.%s changed; takes effect on restart", fname)
         await self.sources.apply(old, new)
@@ -171,33 +197,19 @@ class Gateway:
         tls = self.config.server.tls
         reloading = None if tls is None else ReloadingTls(TlsFiles(tls.cert, tls.key, tls.client_ca),
                                                           poll_interval=self.config.server.reload_interval)
-        srv = GrpcServer(H2Limits(max_message_size=max(DEFAULT_LIMITS.max_message_size, body + (1 << 20))), tls=reloading)
+        srv = GrpcServer(H2Limits(max_message_size=max(DEFAULT_LIMITS.max_message_size, body + (1 << 20))), tls=reloading,
+                         reuse_port=self.worker is not None)
         srv.add_method(PROCESS_METHOD, pb.ProcessingRequest.FromString, lambda st: self.processor.Process(None, st))
         srv.add_method(EDS_METHOD, DiscoveryRequest.FromString, self.eds.stream)
+        srv.add_method(access_log.METHOD, access_log.decode, self.access_log.serve)
         self.health.serve_on(srv)
         host, _, port = self.config.server.listen.rpartition(":")
         self.grpc_port = await srv.start(host.strip("[]"), int(port))
         self._h2 = srv
 
-    async def _start_grpcio(self) -> None:
-        s = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
-        eds_pb2_grpc.add_EndpointDiscoveryServiceServicer_to_server(GrpcioEds(self.eds), s)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, s)
-        tls = self.config.server.tls
-        if tls is None:
-            self.grpc_port = s.add_insecure_port(self.config.server.listen)
-        else:
-            creds = grpcio_credentials(TlsFiles(tls.cert, tls.key, tls.client_ca), self.config.server.reload_interval)
-            self.grpc_port = s.add_secure_port(self.config.server.listen, creds)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {self.config.server.listen}")
-        await s.start()
-        self._grpc = s
-
     async def _start_health_listener(self, listen: str) -> None:
         """Plaintext gRPC health only (kubelet's gRPC probes speak no TLS)."""
-        srv = GrpcServer()
+        srv = GrpcServer(reuse_port=self.worker is not None)
         self.health.serve_on(srv)
         host, _, port = listen.rpartition(":")
         self.health_port = await srv.start(host.strip("[]"), int(port))
@@ -241,6 +253,74 @@ class Gateway:
                 await self.reload("file change")
 
 
+async def _start_grpcio(self: Gateway) -> None:
+    """``server.transport: grpcio``."""
+    s = grpc.aio.server(options=[*GRPC_OPTIONS[:-1], ("grpc.so_reuseport", int(self.worker is not None))])
+    pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, s)
+    self.processor.raw_answers = False  # grpcio serializes messages itself
+    access_log.add_to_grpcio(s, self.access_log)
+    eds_pb2_grpc.add_EndpointDiscoveryServiceServicer_to_server(GrpcioEds(self.eds), s)
+    health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, s)
+    tls = self.config.server.tls
+    if tls is None:
+        self.grpc_port = s.add_insecure_port(self.config.server.listen)
+    else:
+        creds = grpcio_credentials(TlsFiles(tls.cert, tls.key, tls.client_ca), self.config.server.reload_interval)
+        self.grpc_port = s.add_secure_port(self.config.server.listen, creds)
+    if self.grpc_port == 0:
+        raise OSError(f"cannot listen on {self.config.server.listen}")
+    await s.start()
+    self._grpc = s
+
+
+async def _join_workers(gw: Gateway, sync_interval: float = 0.02, balance_interval: float = 0.5) -> None:
+    """A worker's part in the set: its metrics port for the supervisor, forwarded
+    completions in, the other workers' in-flight changes into the load view, and its
+    share of Envoy's connections."""
+    w = gw.worker
+    assert w is not None and gw.forwarder is not None
+    w.table.set_header(w.index, METRICS_PORT, gw.metrics_port)
+    w.table.set_header(w.index, PID, os.getpid())
+    gw.forwarder.start()
+    loop = asyncio.get_running_loop()
+    next_balance = loop.time() + balance_interval
+    while True:
+        await asyncio.sleep(sync_interval)
+        gw.load.sync()
+        if loop.time() >= next_balance:
+            _even_out(gw)
+            next_balance = loop.time() + balance_interval
+
+
+def _even_out(gw: Gateway, busy_at: int = 10) -> bool:
+    """The kernel deals connections to workers by a hash (SO_REUSEPORT), and Envoy keeps
+    one per worker thread: two can land on one worker while another idles. Connections
+    that carried at least ``busy_at`` calls since the last look count (not Envoy's health
+    checker's); a worker with at least two more than the least loaded one asks Envoy
+    (GOAWAY, graceful: running calls finish) to move one; Envoy reconnects, and the kernel
+    deals again. Returns whether it asked."""
+    w, srv = gw.worker, gw._h2
+    if w is None or srv is None:
+        return False
+    marks, new = gw._sid_marks, {}
+    busy = []
+    for c in srv.connections:
+        if c.conn.goaway_sent:
+            continue
+        new[c] = sid = c.conn.last_sid
+        if (sid - marks.get(c, 0)) // 2 >= busy_at:
+            busy.append(c)
+    gw._sid_marks = new
+    w.table.set_header(w.index, CONNS, len(busy))
+    counts = [w.table.header(i, CONNS) for i in range(w.count) if w.table.header(i, PID)]
+    if len(counts) < 2 or len(busy) < max(counts) or max(counts) - min(counts) < 2:
+        return False
+    victim = min(busy, key=lambda c: new[c] - marks.get(c, 0))
+    log.info("worker %d: %d of %d busy connections; asking Envoy to move one", w.index, len(busy), sum(counts))
+    victim.shutdown()
+    return True
+
+
 async def probe_redis(urls: list[str]) -> None:
     """Warn at start-up about every Redis store that does not answer (unresolvable host,
     refused connection, failed AUTH): the Redis policies then decide with local state,
@@ -261,18 +341,18 @@ async def probe_redis(urls: list[str]) -> None:
     await asyncio.gather(*(probe(u) for u in urls))
 
 
-async def serve(config_path: str | os.PathLike, config: Config | None = None) -> None:
-    gw = Gateway(config_path, config)
+async def serve(config_path: str | os.PathLike, config: Config | None = None, worker: WorkerLink | None = None) -> None:
+    gw = Gateway(config_path, config, worker)
     await gw.start()
     await gw.wait()
 
 
-def run(config_path: str | os.PathLike, config: Config | None = None) -> None:
+def run(config_path: str | os.PathLike, config: Config | None = None, worker: WorkerLink | None = None) -> None:
     """Run until SIGTERM/SIGINT, on uvloop when it is installed (a faster event loop)."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config_path, config))
+        asyncio.run(serve(config_path, config, worker))
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-        r.run(serve(config_path, config))
+        r.run(serve(config_path, config, worker))

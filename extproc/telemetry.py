@@ -43,6 +43,7 @@ class Telemetry:
         self.policy_stats: Callable[[], Iterable[tuple[str, str, dict]]] | None = None
         self.state_events: Callable[[], dict[tuple[str, str], int]] | None = None
         self.queues: Callable[[], Iterable[tuple[str, object]]] | None = None  # (route, admission gate)
+        self.completions: Callable[[], dict[str, int]] | None = None  # how routed requests' ends were learned
         self.registry.register(_Collector(self))
         self._fb_log = RateLimitedLog(fallback_log_interval)
 
@@ -148,6 +149,14 @@ class _Collector:
             for route, policy, st in list(t.policy_stats()):
                 for event, v in dict(st).items():
                     c.add_metric([route, policy, event], v)
+        yield c
+        c = CounterMetricFamily("ai_lb_completions", "How routed requests' ends were learned: access_log (Envoy's "
+                                "access log entry), stream (the ext_proc stream's end), expired (the lease ran out: "
+                                "a lost completion), unmatched (an entry for a request already ended), forwarded "
+                                "(to the worker that routed it), foreign (another ai-lb instance's id).",
+                                labels=["how"])
+        for k, v in dict(t.completions() if t.completions else {}).items():
+            c.add_metric([k], v)
         yield c
         yield from _queue_families(t)
         h = HistogramMetricFamily("ai_lb_decision_duration_seconds", "Time from the message that completed the "

@@ -147,6 +147,13 @@ class ServerConfig:
     fallback_endpoints: int = 2          # least-loaded others after the pick, for Envoy's retries
     body_mode: Literal["buffered_partial", "buffered"] = "buffered_partial"
     kubernetes_resync: float = 300.0     # seconds between full relists of each Kubernetes source
+    #: how ai-lb learns that a routed request is over: ``access_log`` (Envoy's gRPC access
+    #: log service tells it, off the request path: one blocking round trip per request),
+    #: ``stream`` (the ext_proc stream is held open to the response's end: a second
+    #: trip), ``auto`` (access_log while Envoy streams access logs to ai-lb, else stream).
+    completions: Literal["auto", "access_log", "stream"] = "auto"
+    completion_lease: float = 600.0      # seconds: a request whose completion never came is ended then
+    workers: int = 1                     # processes serving ``listen`` (SO_REUSEPORT), state shared
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,10 @@ def build_config(raw: Any, catalog: PolicyCatalog, source: str | None = None) ->
         for fname in ("discovery_interval", "max_body_bytes", "reload_interval"):
             if fname not in bad_server and getattr(server, fname) <= 0:
                 v.err(f"server.{fname}", "must be > 0")
+        if "completion_lease" not in bad_server and server.completion_lease <= 0:
+            v.err("server.completion_lease", "must be > 0 seconds")
+        if "workers" not in bad_server and not 1 <= server.workers <= 64:
+            v.err("server.workers", "must be 1..64")
         if "fallback_log_interval" not in bad_server and server.fallback_log_interval < 0:
             v.err("server.fallback_log_interval", "must be >= 0")
 

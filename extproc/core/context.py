@@ -33,7 +33,7 @@ class BodyError(ValueError):
 class RequestContext:
     __slots__ = ("route", "_header_map", "_headers", "body", "body_complete", "_json", "endpoint", "cluster",
                  "status", "response_complete", "started", "first_byte_at", "policy_state", "policy", "outcome",
-                 "prompt_tokens", "tickets", "cluster_name", "subset", "served", "watch", "gate_slot")
+                 "prompt_tokens", "tickets", "cluster_name", "subset", "served", "watch", "gate_slot", "completion", "held")
 
     def __init__(self, route: str, headers: dict[str, str] | None = None, header_map: Any = None) -> None:
         self.route = route
@@ -58,6 +58,8 @@ class RequestContext:
         self.tickets: tuple = ()        # the load view's tickets of the endpoints this request occupies
         self.watch: Any = None          # a first-token detector when the response is watched for TTFT
         self.gate_slot: Any = None      # (gate, slot) of a shared queue's slot, given back at the end
+        self.completion: str | None = None  # the id its end is reported under (Envoy's access log)
+        self.held = True                # the ext_proc stream is held to the response's end
 
     @property
     def headers(self) -> dict[str, str]:

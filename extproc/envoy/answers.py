@@ -29,14 +29,17 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 @functools.lru_cache(maxsize=None)  # interned: answers are cached by id(mode)
-def processing_mode(body: bool, response_headers: bool, response_body: bool, buffered: bool = False) -> PM:
+def processing_mode(body: bool, response_headers: bool, response_body: bool, buffered: bool = False,
+                    hold: bool = True) -> PM:
     """The processing mode a routed request needs from Envoy.
 
-    ``response_trailer_mode: SEND`` is always on, and it is what makes "done" correct:
-    Envoy closes the ext_proc stream as soon as it expects no further message, so without
-    a later phase subscribed the stream would end right after our answer, long before the
-    response. Trailers come last (and most HTTP/1.1 LLM responses have none, so this costs
-    no message), keeping the stream open exactly as long as the HTTP stream.
+    ``hold``: ``response_trailer_mode: SEND``, which makes "done" correct when the stream
+    tells it (``completions: stream``): Envoy closes the ext_proc stream as soon as it
+    expects no further message, so without a later phase subscribed the stream would end
+    right after our answer, long before the response. Trailers come last (and most
+    HTTP/1.1 LLM responses have none, so this costs no message), keeping the stream open
+    exactly as long as the HTTP stream. Without ``hold`` (the access log tells the end)
+    the stream ends with the answer: one blocking round trip.
     """
     return PM(
         request_header_mode=PM.SEND,
@@ -46,7 +49,7 @@ def processing_mode(body: bool, response_headers: bool, response_body: bool, buf
         response_header_mode=PM.SEND if response_headers else PM.SKIP,
         response_body_mode=PM.STREAMED if response_body else PM.NONE,
         request_trailer_mode=PM.SKIP,
-        response_trailer_mode=PM.SEND,
+        response_trailer_mode=PM.SEND if hold else PM.SKIP,
     )
 
 

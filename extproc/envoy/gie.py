@@ -106,7 +106,13 @@ def note_served(req: Any, ctx: Any, load: Any, telemetry: Any) -> None:
     if ctx is None or ctx.endpoint is None or ctx.served is not None:
         return
     served = served_endpoint(req)
-    if served is None:
+    if served is not None:
+        apply_served(served, ctx, load, telemetry)
+
+
+def apply_served(served: str, ctx: Any, load: Any, telemetry: Any) -> None:
+    """The endpoint that served (Envoy's metadata, or its access log's upstream host)."""
+    if ctx is None or ctx.endpoint is None or ctx.served is not None:
         return
     ctx.served = served
     telemetry.served_report(ctx.route, served == ctx.endpoint.address)

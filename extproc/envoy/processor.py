@@ -3,7 +3,9 @@
 One coroutine per HTTP stream. The request is decided on the request headers, or, for
 policies that read the prompt, on the buffered body. Every failure path answers Envoy
 with a plain pass-through (native load balancing) rather than an error, and "done"
-runs exactly once, in ``finally``, however the stream ends.
+runs exactly once however the request ends: when its stream ends if the stream is held
+to the response's end (``completions: stream``), else when Envoy's access log reports
+its end, or its lease runs out (``completions.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from ..signals import LoadView
 from ..signals.first_token import FirstToken
 from ..telemetry import RateLimitedLog, Telemetry
 from . import gie
+from .access_log import Tagged, tag
 from .answers import PM, Answers, processing_mode
+from .completions import Completions, Settled
 from .duplex import FULL_DUPLEX, DuplexBody, DuplexRequests, streamed
 
 log = logging.getLogger("ai_lb.processor")
@@ -34,16 +38,18 @@ HOLD_MARGIN_S = 1.0   # a held request's answer is due this long after its deadl
 ROUTE_ATTR = gie.ROUTE_ATTR
 SUBSET_EMPTY = "no endpoint of the proxy's subset hint is eligible"
 _EOF = grpc.aio.EOF
+_RAW: dict[int, tuple] = {}   # cached answer -> its bytes (tagged per request)
 _perf = time.perf_counter
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, runtime: Runtime, telemetry: Telemetry, load: LoadView,
-                 max_body_bytes: int = 8 * 1024 * 1024) -> None:
+                 max_body_bytes: int = 8 * 1024 * 1024, completions: Completions | None = None) -> None:
         self.runtime = runtime
-        self.telemetry = telemetry
-        self.load = load
-        self.max_body_bytes = max_body_bytes
+        self.completions = completions if completions is not None else Completions()
+        self.completions.on_settled = lambda ctx, st: _settled(self, ctx, st)
+        self.raw_answers = True   # the native transport writes tagged answers as bytes; grpcio needs messages
+        self.telemetry, self.load, self.max_body_bytes = telemetry, load, max_body_bytes
         self.answers = Answers()
         self._errlog = RateLimitedLog(10.0)
         self.duplex = DuplexRequests(self)
@@ -54,7 +60,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         duplex: DuplexBody | None = None  # set when Envoy streams the request body full duplex
         resp_duplex = False               # ... and the response body
         outcome = "complete"
-        write = context.write
+        write, last = context.write, getattr(context, "write_last", None)  # write_last: the native transport's
         try:
             while True:
                 req = await context.read()
@@ -92,6 +98,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     resp = self.answers.response_trailers
                 else:
                     break  # unknown message: stop processing; Envoy carries on without us
+                if _answered_last(ctx, rt, duplex) and last is not None:
+                    last(resp)  # routed, and nothing more will come: the answer and the call's end, one send
+                    break
                 await write(resp)
         except asyncio.CancelledError:
             outcome = "reset"
@@ -101,8 +110,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self._errlog.warn(("processor", type(e).__name__), "ext_proc stream failed: %r", e)
         finally:
             if ctx is not None and ctx.policy is not None:
-                ctx.outcome = _outcome(ctx, rt, outcome)
-                _done(self, ctx)
+                _stream_ended(self, ctx, rt, outcome)
 
     # -- request phase -----------------------------------------------------------------
     def _route(self, req: pb.ProcessingRequest):
@@ -115,6 +123,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self.telemetry.fallback(route_name, rt.policy_name if rt else "", reason)
             return None, rt
         ctx = RequestContext(route_name, header_map=hm.headers)
+        ctx.held = not self.completions.off_path  # else one round trip: the access log tells the end
         ctx.cluster_name = cluster
         ctx.subset = gie.subset_hint(req)
         if rt.sample and random.random() < rt.sample:
@@ -219,19 +228,48 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             begin, tokens = self.load.begin, ctx.prompt_tokens
             ctx.tickets = (begin(d.address, tokens), *(begin(e.address, tokens) for _, e in also))
             self.telemetry.picked(ctx.route, rt.policy_name, d.address, _perf() - t0)
-            return self.answers.pick(phase, gie.destination(d, named, candidates, rt.fallbacks, ctx.subset,
-                                                            self.load.requests), mode, also)
+            return _tagged(self, ctx, self.answers.pick(phase, gie.destination(d, named, candidates, rt.fallbacks,
+                                                                               ctx.subset, self.load.requests), mode, also))
         if isinstance(d, ClusterPick):
             ctx.cluster = d.cluster
             ctx.policy = policy
             self.runtime.acquire(policy)
             self.telemetry.picked(ctx.route, rt.policy_name, d.cluster, _perf() - t0)
-            return self.answers.to_cluster(phase, d.header, d.cluster, mode)
+            return _tagged(self, ctx, self.answers.to_cluster(phase, d.header, d.cluster, mode))
         if isinstance(d, Reject):
             self.telemetry.rejected(ctx.route, rt.policy_name, d.status, _perf() - t0)
             return self.answers.reject(d.status, d.message)
         self.telemetry.fallback(ctx.route, rt.policy_name, d.reason, detail)
         return self.answers.passthrough(phase, mode)
+
+# -- completions off the request path -------------------------------------------------
+def _tagged(self: Processor, ctx: RequestContext, resp: pb.ProcessingResponse):
+    """The answer with the request's completion id in its dynamic metadata (Envoy's
+    access log brings it back at the response's end)."""
+    c = self.completions
+    if c.mode == "stream":
+        return resp
+    hit = _RAW.get(id(resp))
+    if hit is None:
+        if len(_RAW) > 4096:
+            _RAW.clear()
+        hit = _RAW[id(resp)] = (resp, resp.SerializeToString())  # keeps resp alive: id() stays unique
+    raw = tag(hit[1], c.park(ctx))
+    return Tagged(raw) if self.raw_answers else pb.ProcessingResponse.FromString(raw)
+
+def _settled(self: Processor, ctx: RequestContext, s: Settled | None) -> None:
+    """The access log's report of a parked request's end (None: its lease ran out)."""
+    if s is None:
+        ctx.outcome = "expired"
+    else:
+        ctx.outcome = s.outcome
+        if s.status is not None:
+            ctx.status = s.status
+        if s.served is not None:
+            gie.apply_served(s.served, ctx, self.load, self.telemetry)
+        if s.first_byte is not None and ctx.first_byte_at is None:
+            ctx.first_byte_at = ctx.started + s.first_byte
+    _done(self, ctx)
 
 
 # -- response phase --------------------------------------------------------------------
@@ -270,6 +308,22 @@ def _response_body(self: Processor, req: pb.ProcessingRequest, ctx: RequestConte
     return self.answers.response_body
 
 
+def _answered_last(ctx: RequestContext | None, rt: RouteRuntime | None, duplex: DuplexBody | None) -> bool:
+    """The request is routed, its end is left to the access log and the mode ai-lb set
+    asks for nothing later: no further message will come on this stream."""
+    return (ctx is not None and ctx.completion is not None and not ctx.held and rt is not None and rt.one_trip
+            and duplex is None and ctx.watch is None)
+
+
+def _stream_ended(p: Processor, ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> None:
+    """A routed request's ext_proc stream ended: its "done", unless the access log tells it."""
+    if ctx.completion is not None and not (ctx.held or stream_end == "error"):
+        return  # answered and left to the access log (or the lease): Envoy's stream end says nothing
+    if ctx.completion is None or p.completions.unpark(ctx):
+        ctx.outcome = _outcome(ctx, rt, stream_end)
+        _done(p, ctx)
+
+
 def _done(p: Processor, ctx: RequestContext) -> None:
     """Exactly once per routed request: release its queue slot and load tickets, count it,
     run on_done."""
@@ -301,12 +355,15 @@ def _duration(seconds: float):
 
 def _mode(rt: RouteRuntime, ctx: RequestContext | None = None) -> PM | None:
     """The processing mode the route's policy needs from Envoy (interned per combination);
-    a watched response (first-token sampling) also streams its body to us."""
+    a watched response (first-token sampling) also streams its body to us. A request left
+    to the access log is not held: its stream ends with ai-lb's answer, unless the policy
+    itself reads the response."""
     if rt.needs is None:
         return None
+    needs = rt.needs if ctx is None or ctx.held else rt.needs_unheld
     if ctx is not None and ctx.watch is not None:
-        return processing_mode(rt.needs[0], rt.needs[1], True, rt.needs[3])
-    return processing_mode(*rt.needs)
+        return processing_mode(needs[0], needs[1], True, needs[3], needs[4])
+    return processing_mode(*needs)
 
 
 def _outcome(ctx: RequestContext, rt: RouteRuntime | None, stream_end: str) -> str:

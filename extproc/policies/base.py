@@ -64,9 +64,13 @@ class Policy:
     trip in Envoy, so only policies that look at the prompt set it).
     ``needs_response_headers`` / ``needs_response_body``: ask Envoy to send those so the
     hooks below fire; each costs a round trip per request or per chunk.
+    ``status_only``: the response headers are wanted only for ``ctx.status`` (read in
+    ``on_done``); when Envoy's access log reports the end, it brings the status, so they
+    are not asked for (one round trip fewer).
     ``on_done`` fires exactly once for every request this policy routed (Endpoint or ClusterPick),
-    however the request ended. ``ctx.outcome`` is complete, error, reset or unobserved
-    (precise only when the policy asked for response headers: see the processor's outcome).
+    however the request ended. ``ctx.outcome`` is complete, error, reset, expired (its
+    completion never came: the lease ran out) or unobserved (precise only when the policy
+    asked for response headers, or the access log reported the end).
     """
 
     name: ClassVar[str]
@@ -77,6 +81,7 @@ class Policy:
     needs_body: bool = False
     needs_response_headers: bool = False
     needs_response_body: bool = False
+    status_only: bool = False
     # Fraction of requests whose response the core watches to its first token, calling
     # ``on_first_token`` (costs one ext_proc message per response chunk until then).
     first_token_sample: float = 0.0

@@ -84,6 +84,7 @@ class ScheduledPolicy(Policy):
                                    max_candidates=self.max_candidates(config), index_key=self.index_key(),
                                    preselect=self.preselect)
         self.needs_response_headers = config.observe_errors
+        self.status_only = True   # observe_errors reads only ctx.status (the access log gives it too)
         self.scraper = None
         if self.profile.uses_metrics:
             c = config

@@ -19,7 +19,10 @@ interval sees its own earlier picks and spreads, instead of herding onto whichev
 endpoint looked idle in an old photo.
 
 Estimates without a fresh scrape fall back to this process's own counts. Cluster-wide
-counts across ai-lb instances are the state store's (``state.counts.GlobalCounts``).
+counts across ai-lb instances are the state store's (``state.counts.GlobalCounts``). With
+``server.workers`` > 1 the in-flight counter is shared by the workers of one host
+(``state.shared_inflight``): ``requests`` then counts every worker's requests, refreshed
+on each of this worker's own changes and by ``sync`` (the gateway calls it every 20 ms).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class EndpointLoad:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.requests = 0            # this process's requests in flight
+        self.requests = 0            # requests in flight (this process's; the host's with shared workers)
         self.tokens = 0              # their prompt tokens
         self.metrics: EndpointMetrics | None = None
         self.assumed_requests = 0    # picks no applied scrape has counted yet (still in flight)
@@ -126,6 +129,7 @@ class LoadView:
         self.eject_max = eject_max
         self._rec: dict[str, EndpointLoad] = {}
         self._watchers: dict[str, list[Callable[[EndpointLoad], None]]] = {}
+        self.shared = getattr(self.inflight, "shared", False)
 
     def record(self, address: str) -> EndpointLoad:
         r = self._rec.get(address)
@@ -145,7 +149,7 @@ class LoadView:
         bs = r.metrics.block_size if r.metrics is not None and r.metrics.block_size else DEFAULT_BLOCK_SIZE
         blocks = tokens / bs
         t = Ticket(address, self.clock(), tokens, blocks)
-        r.requests += 1
+        r.requests = self.inflight.get(address) if self.shared else r.requests + 1
         r.tokens += tokens
         r.assumed_requests += 1
         r.assumed_tokens += tokens
@@ -161,7 +165,7 @@ class LoadView:
             return
         self.inflight.dec(ticket.address)
         r = self.record(ticket.address)
-        r.requests = max(0, r.requests - 1)
+        r.requests = self.inflight.get(ticket.address) if self.shared else max(0, r.requests - 1)
         r.tokens = max(0, r.tokens - ticket.tokens)
         if ticket.state == ASSUMED:
             self._unassume(r, ticket)
@@ -227,6 +231,20 @@ class LoadView:
         for a in gone:
             del self._rec[a]
         return len(gone)
+
+    def sync(self) -> int:
+        """Shared workers: take the other workers' changes into ``requests`` (and tell the
+        watchers). Returns how many records changed."""
+        if not self.shared:
+            return 0
+        get, n = self.inflight.get, 0
+        for a, r in list(self._rec.items()):
+            total = get(a)
+            if total != r.requests:
+                r.requests = total
+                n += 1
+                self._changed(r)
+        return n
 
     # -- following changes ----------------------------------------------------------------
     def watch(self, addresses: Iterable[str], fn: Callable[[EndpointLoad], None]) -> None:

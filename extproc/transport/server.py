@@ -85,6 +85,11 @@ class GrpcStream:
     async def write(self, msg: Any) -> None:
         self.proto.send_message(self, msg.SerializeToString())
 
+    def write_last(self, msg: Any) -> None:
+        """The call's last message: it leaves with the status trailers, in one send, when
+        the handler returns right after (grpcio has no such call: use ``write``)."""
+        self.proto.send_message(self, msg.SerializeToString(), flush=False)
+
     def received(self, data: bytes, end_stream: int) -> None:
         """Request bytes in: queue the messages they complete, wake the handler. Raises
         ``GrpcStatusError`` for a message the call cannot take (the call then fails)."""
@@ -227,7 +232,7 @@ class H2Protocol(asyncio.Protocol):
         self._finish(s, g.TRAILERS_OK)
 
     # -- calls out -----------------------------------------------------------------------
-    def send_message(self, s: GrpcStream, raw: bytes) -> None:
+    def send_message(self, s: GrpcStream, raw: bytes, flush: bool = True) -> None:
         if s.closed:
             return
         head = b""
@@ -235,7 +240,8 @@ class H2Protocol(asyncio.Protocol):
             s.headers_sent = True
             head = g.RESPONSE_HEADERS
         self.conn.send_data(s.sid, b"\x00" + len(raw).to_bytes(4, "big") + raw, head)  # grpc.encode_message
-        self._schedule_flush()
+        if flush:
+            self._schedule_flush()
 
     def _finish(self, s: GrpcStream, trailers: bytes) -> None:
         """Send the status; a call that never wrote gets a trailers-only response."""
@@ -311,9 +317,10 @@ class GrpcServer:
     """Serves registered methods (``/package.Service/Method``) on one TCP listener, in
     cleartext (h2c, prior knowledge) or, with ``tls``, over TLS (ALPN h2)."""
 
-    def __init__(self, limits: H2Limits | None = None, tls: ReloadingTls | None = None) -> None:
+    def __init__(self, limits: H2Limits | None = None, tls: ReloadingTls | None = None, reuse_port: bool = False) -> None:
         self.limits = limits or DEFAULT_LIMITS
         self.tls = tls
+        self.reuse_port = reuse_port   # several processes serve one port (server.workers)
         self.methods: dict[str, Method] = {}
         self.connections: set[H2Protocol] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -326,7 +333,7 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         tls = {} if self.tls is None else {"ssl": self.tls.listener, "ssl_handshake_timeout": self.limits.handshake_timeout}
         self._server = await loop.create_server(lambda: H2Protocol(self), host, port, reuse_address=True, backlog=1024,
-                                                **tls)
+                                                reuse_port=self.reuse_port or None, **tls)
         if self.tls is not None:
             self.tls.start()
         self.port = self._server.sockets[0].getsockname()[1]
