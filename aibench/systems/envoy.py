@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,10 @@ def native_envoy_config(cfg: dict, policy: str) -> dict:
                 tc = f.get("typed_config", {})
                 if "http_filters" in tc:
                     tc["http_filters"] = [x for x in tc["http_filters"] if x["name"] != ext_proc]
+                if "access_log" in tc:  # ai-lb's completion channel
+                    tc["access_log"] = [a for a in tc["access_log"] if "ai_lb" not in json.dumps(a)]
+                    if not tc["access_log"]:
+                        del tc["access_log"]
                 for vh in tc.get("route_config", {}).get("virtual_hosts", []):
                     for r in vh.get("routes", []):
                         tpf = r.get("typed_per_filter_config")
