@@ -9,9 +9,10 @@ channel: one entry per finished request, streamed off the request path.
   ``upstream_remote_address`` (the host that served the last attempt, after retries) and
   ``time_to_first_upstream_rx_byte``.
 
-Envoy batches entries per worker thread (``buffer_flush_interval``, ``buffer_size_bytes``
-in its config: docs/benchmarks.md has the measured choice) on one long-lived stream
-per thread, so an entry costs ai-lb one small protobuf parse, not a gRPC stream.
+Envoy sends entries per worker thread on one long-lived stream per thread, so an entry
+costs ai-lb one small protobuf parse, not a gRPC stream. The reference disables Envoy's
+batching (``buffer_size_bytes: 0``): a batch's few milliseconds keep the endpoint that just
+answered counted busy when the same client's next request arrives.
 """
 
 from __future__ import annotations
