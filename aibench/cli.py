@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a parameter of a synthetic workload (e.g. groups=200, zipf_s=1.1); see docs/benchmarks.md")
     t.add_argument("--loads", default=None,
                    help="offered load(s) as fractions of measured capacity (default: the workload's, "
-                   "0.9 for shared-prefix and no-sharing-heavy, else 0.5)")
+                   "0.9 for shared-prefix and no-sharing-heavy, 1.3 for bursty-heavy, else 0.5)")
     t.add_argument("--rate", type=float, default=None,
                    help="conversations/s instead of --loads (skips calibration); a replayed request without a "
                    "session is a conversation of one")

@@ -135,22 +135,42 @@ def no_sharing_heavy(seed: int, duration: float, rate: float, prompt_median: int
     policy steers around."""
     rng = random.Random(seed)
     w = Workload("no-sharing-heavy", seed, duration, rate)
+    shape = (prompt_median, prompt_sigma, max_prompt, out_min, out_alpha, max_out)
     for i, t0 in enumerate(_poisson_times(rng, rate, duration)):
-        p = _lognormal_tokens(rng, prompt_median, prompt_sigma, 16, max_prompt)
-        o = int(min(max_out, out_min * rng.paretovariate(out_alpha)))
-        w.conversations.append(Conversation(t0, None, [Turn(user=f"[{i}] " + text(rng, p), max_tokens=o)], -1, i))
+        w.conversations.append(_heavy(rng, i, t0, *shape))
     return w
+
+
+def _heavy(rng: random.Random, i: int, t0: float, prompt_median: int, prompt_sigma: float, max_prompt: int,
+           out_min: int, out_alpha: float, max_out: int) -> Conversation:
+    p = _lognormal_tokens(rng, prompt_median, prompt_sigma, 16, max_prompt)
+    o = int(min(max_out, out_min * rng.paretovariate(out_alpha)))
+    return Conversation(t0, None, [Turn(user=f"[{i}] " + text(rng, p), max_tokens=o)], -1, i)
 
 
 def bursty(seed: int, duration: float, rate: float, on_s: float = 2.0, off_s: float = 4.0) -> Workload:
     """``no-sharing`` traffic in on/off bursts with the same mean rate."""
-    rng = random.Random(seed)
-    w = Workload("bursty", seed, duration, rate)
-    peak = rate * (on_s + off_s) / on_s
+    return _bursts(Workload("bursty", seed, duration, rate), on_s, off_s, _single)
+
+
+def bursty_heavy(seed: int, duration: float, rate: float, on_s: float = 2.0, off_s: float = 4.0,
+                 prompt_median: int = 512, prompt_sigma: float = 1.2, max_prompt: int = 6000, out_min: int = 32,
+                 out_alpha: float = 1.2, max_out: int = 2048) -> Workload:
+    """``no-sharing-heavy``'s heavy-tailed requests in ``bursty``'s on/off bursts: the
+    overload a gateway queue is for (meant for > 1.0 load: each burst runs at 3x the mean)."""
+    shape = (prompt_median, prompt_sigma, max_prompt, out_min, out_alpha, max_out)
+    return _bursts(Workload("bursty-heavy", seed, duration, rate), on_s, off_s,
+                   lambda rng, i, t0: _heavy(rng, i, t0, *shape))
+
+
+def _bursts(w: Workload, on_s: float, off_s: float, one: Callable[[random.Random, int, float], Conversation]) -> Workload:
+    """Poisson arrivals during ``on_s``, none during ``off_s``, the same mean rate as ``w``'s."""
+    rng = random.Random(w.seed)
+    peak = w.rate * (on_s + off_s) / on_s
     t, i = 0.0, 0
-    while t < duration:
-        for dt in _poisson_times(rng, peak, min(on_s, duration - t)):
-            w.conversations.append(_single(rng, i, t + dt))
+    while t < w.duration_s:
+        for dt in _poisson_times(rng, peak, min(on_s, w.duration_s - t)):
+            w.conversations.append(one(rng, i, t + dt))
             i += 1
         t += on_s + off_s
     return w
@@ -212,6 +232,8 @@ WORKLOADS: dict[str, Spec] = {
     "no-sharing-heavy": Spec(no_sharing_heavy, "load balancing near saturation: heavy-tailed lengths, no sharing",
                              0.9),
     "bursty": Spec(bursty, "reaction to bursts: no-sharing traffic 2 s on, 4 s off"),
+    "bursty-heavy": Spec(bursty_heavy, "overload in bursts (the gateway queue): heavy-tailed requests 2 s on, "
+                         "4 s off", 1.3),
     "long-prompt": Spec(long_prompt, "body handling: 220 KB prompts", 0.5, ("--max-model-len", "131072")),
     "long-chat": Spec(long_chat, "prefill/decode: multi-turn chats over long documents of their own, long answers "
                       "(long prefills in decode batches)", 0.6),

@@ -4,7 +4,9 @@ A spec names one system: ``envoy-rr``, ``envoy-lr``, ``sglang-router``, ``vllm-r
 ``oracle``, or ``ai-lb:POLICY`` with an optional ``lb_config`` as inline JSON, e.g.
 ``ai-lb:fd_metrics_score{"waiting-weight":5}``. Without one, the policy's bench default
 below applies, then ``--ai-lb-config FILE`` (a YAML/JSON mapping policy -> lb_config)
-overrides it, then the inline JSON overrides that.
+overrides it, then the inline JSON overrides that. An inline ``"queue"`` key is the
+route's gateway queue (docs/queue.md), not lb_config:
+``ai-lb:least_request{"queue":{"saturation":{"max_inflight":8},"max_wait":30}}``.
 
 The default list comes from the tables here: every ai-lb policy in ``AI_LB_POLICIES``,
 then the peers. A policy the registry has but these tables do not name makes
@@ -67,7 +69,7 @@ def describe(width: int = 100) -> str:
     import textwrap
 
     rows = [*PEERS.items(), ("ai-lb:POLICY[{json}]", "the reference Envoy + ai-lb with that policy (inline "
-                             "lb_config optional): " + ", ".join(p for p, _ in AI_LB_POLICIES))]
+                             "lb_config optional; its \"queue\" key is the route's gateway queue): " + ", ".join(p for p, _ in AI_LB_POLICIES))]
     return "\n".join(textwrap.fill(about, width, initial_indent=f"  {n:<23} ", subsequent_indent=" " * 26,
                                    break_on_hyphens=False) for n, about in rows)
 

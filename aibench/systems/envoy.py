@@ -150,8 +150,11 @@ class EnvoyAiLb(_EnvoyBase):
         super().__init__(start_timeout)
         self.policy = policy
         self.lb_config = dict(lb_config or {})
+        # ``queue`` in the system's inline config is the route's gateway queue, not lb_config.
+        self.queue: dict[str, Any] | None = self.lb_config.pop("queue", None)
         self.store = store
-        self.name = name or f"ai-lb-{policy.replace('_', '-')}" + ("-redis" if store != "memory" else "")
+        self.name = name or (f"ai-lb-{policy.replace('_', '-')}" + ("-queue" if self.queue else "")
+                             + ("-redis" if store != "memory" else ""))
         self.metrics_port = 0
         self._fallbacks0: dict[str, float] = {}
 
@@ -189,6 +192,8 @@ class EnvoyAiLb(_EnvoyBase):
         route: dict[str, Any] = {"lb_policy": self.policy, "endpoints": {"cluster": "llm_backends"}}
         if self.lb_config:
             route["lb_config"] = self.lb_config
+        if self.queue:
+            route["queue"] = self.queue
         return route, list(backends.addresses)
 
     def _start(self, backends: Backends) -> str:

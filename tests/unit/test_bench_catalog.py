@@ -38,6 +38,9 @@ def test_specs_and_lb_config(tmp_path):
     assert catalog.ai_lb_config("fd_metrics_score", {"waiting-weight": 9}, over) == {"waiting-weight": 9}
     s = catalog.make_system('ai-lb:fd_metrics_score{"waiting-weight":5}', overrides=over)
     assert s.policy == "fd_metrics_score" and s.lb_config == {"waiting-weight": 5}
+    q = catalog.make_system('ai-lb:least_request{"queue":{"saturation":{"max_inflight":8}}}')
+    assert q.lb_config == {} and q.queue == {"saturation": {"max_inflight": 8}}   # the route's queue, not lb_config
+    assert q.name == "ai-lb-least-request-queue" != catalog.make_system("ai-lb:least_request").name
     f.write_text("- just a list\n")
     with pytest.raises(ValueError, match="mapping"):
         catalog.load_ai_lb_config(f)

@@ -35,6 +35,12 @@ def test_rates_and_heavy_tails():
     assert 450 < len(b.conversations) < 750
     gaps = [y.start_s - x.start_s for x, y in zip(b.conversations, b.conversations[1:])]
     assert max(gaps) > 3.5  # off periods
+    bh = workloads.make("bursty-heavy", 1, 120, 5.0)   # the queue's overload: bursts of heavy-tailed requests
+    assert 450 < len(bh.conversations) < 750
+    assert max(y.start_s - x.start_s for x, y in zip(bh.conversations, bh.conversations[1:])) > 3.5
+    houts = sorted(c.turns[0].max_tokens for c in bh.conversations)
+    assert houts[0] >= 32 and houts[-1] > 10 * houts[len(houts) // 2]  # Pareto outputs
+    assert workloads.WORKLOADS["bursty-heavy"].default_load == 1.3
     lp = workloads.make("long-prompt", 1, 10, 1.0)
     assert all(len(c.turns[0].user) >= 220 * 1024 for c in lp.conversations)
     with pytest.raises(ValueError, match="unknown workload"):
