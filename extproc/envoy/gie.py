@@ -17,9 +17,12 @@ that served the request) and the destination list ai-lb answers with.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import random
+from typing import Any, Callable, Iterable, Sequence
 
 from ..core import Endpoint
+
+_RNG = random.Random()
 
 ATTR_NAMESPACE = "envoy.filters.http.ext_proc"
 ROUTE_ATTR = "xds.route_name"
@@ -76,16 +79,25 @@ def in_subset(candidates: tuple[Endpoint, ...], subset: frozenset[str]) -> tuple
     return tuple(e for e in candidates if e.address in subset)
 
 
-def fallbacks(primary: Endpoint, named: Iterable[Endpoint], candidates: Iterable[Endpoint], n: int,
-              requests: Callable[[str], int]) -> tuple[str, ...]:
+FALLBACK_POOL = 32  # at most this many candidates are compared for the fallbacks
+
+
+def fallbacks(primary: Endpoint, named: Iterable[Endpoint], candidates: Sequence[Endpoint], n: int,
+              requests: Callable[[str], int], rng: random.Random = _RNG) -> tuple[str, ...]:
     """Fallback addresses after ``primary``: the policy's own (``Pick.fallbacks``) first,
     topped up to ``n`` with the least-loaded other candidates (fewest in flight, then
-    address, so every replica agrees on ties)."""
+    address, so every replica agrees on ties). Among more than ``FALLBACK_POOL``
+    candidates, the least loaded of ``FALLBACK_POOL`` of them from a random place: a decision's cost
+    stays flat in the fleet's size (sorting 1,000 endpoints per request cost ~200 µs)."""
     out = [e.address for e in named if e.address != primary.address]
     if len(out) >= n:
         return tuple(dict.fromkeys(out))
+    pool = candidates
+    if len(candidates) > FALLBACK_POOL:  # a window at a random place (one random draw, no copy of the fleet)
+        i = rng.randrange(len(candidates))
+        pool = (*candidates[i:i + FALLBACK_POOL], *candidates[:max(0, i + FALLBACK_POOL - len(candidates))])
     taken = {primary.address, *out}
-    rest = sorted((e.address for e in candidates if e.address not in taken), key=lambda a: (requests(a), a))
+    rest = sorted((e.address for e in pool if e.address not in taken), key=lambda a: (requests(a), a))
     return tuple(dict.fromkeys(out + rest[:n - len(out)]))
 
 

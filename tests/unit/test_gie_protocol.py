@@ -238,3 +238,27 @@ async def test_served_endpoint_moves_the_in_flight_count(report):
     assert counts == ((0, 1) if report else (1, 0))  # while in flight, it counts where it really is
     assert rt.load.requests(picked) == rt.load.requests(fallback) == 0
     assert tel.served.labels("llm", "fallback")._value.get() == (1 if report else 0)
+
+
+def test_fallbacks_stay_flat_in_fleet_size_and_least_loaded():
+    """Among 1,000 candidates the fallbacks look at a bounded pool (a decision does not sort
+    the fleet), never name the primary, and prefer the least loaded in the pool."""
+    from extproc.core import Endpoint
+    from extproc.envoy import gie
+
+    eps = tuple(Endpoint(f"10.0.{i // 250}.{i % 250}:8000") for i in range(1000))
+    asked: list[str] = []
+    load = {e.address: (0 if i % 100 == 0 else 5) for i, e in enumerate(eps)}
+
+    def requests(a: str) -> int:
+        asked.append(a)
+        return load[a]
+
+    got = gie.fallbacks(eps[0], (), eps, 2, requests)
+    assert len(got) == 2 and eps[0].address not in got and len(set(got)) == 2
+    assert len(asked) <= gie.FALLBACK_POOL
+    pool = set(asked)
+    assert all(load[a] <= min(load[b] for b in pool - set(got)) for a in got)
+    # Small fleets are compared whole: the two idle ones, deterministic ties by address.
+    small = eps[:5] + (eps[100], eps[200])
+    assert gie.fallbacks(small[0], (), small, 2, load.__getitem__) == (eps[100].address, eps[200].address)
