@@ -145,6 +145,10 @@ class Gate:
             async with asyncio.timeout(max(0.0, q.max_wait - (time.monotonic() - w.arrived))):
                 got = await w.future
         except TimeoutError:
+            f = w.future
+            if f.done() and not f.cancelled():  # granted in the same instant as the deadline: use it
+                self._observe(w)
+                return f.result()
             self.line.pop(w)
             self._leave(w)
             self._count(w.cls, "timeout")
@@ -161,8 +165,12 @@ class Gate:
         return got
 
     def settled(self, w: Waiter | None) -> None:
-        """The request that ``w`` granted has been counted (or decided otherwise)."""
+        """The request that ``w`` granted has been counted (or decided otherwise). Called
+        for every waiter whatever became of it: one still in the line leaves it."""
         if w is not None:
+            if not w.gone:
+                self.line.pop(w)
+                self._leave(w)
             self._settle(w)
 
     # -- releasing ---------------------------------------------------------------------

@@ -169,17 +169,17 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self.telemetry.fallback(ctx.route, rt.policy_name, "no_healthy_endpoints")
             return self.answers.passthrough(phase, mode)
         gate, waiter, slot = rt.gate, None, None
-        if gate is not None:  # the route's queue: admitted now, held until there is room, or shed
-            a = await gate.admit(ctx, candidates)
-            if isinstance(a, Queued):
-                waiter = a.waiter
-                await self._hold(stream, a.max_wait)
-                a = await gate.wait(a)
-            if isinstance(a, Rejected):
-                self.telemetry.rejected(ctx.route, rt.policy_name, a.status, _perf() - t0)
-                return self.answers.reject(a.status, a.message, a.retry_after)
-            candidates, slot = a.candidates, a.slot
         try:
+            if gate is not None:  # the route's queue: admitted now, held until there is room, or shed
+                a = await gate.admit(ctx, candidates)
+                if isinstance(a, Queued):
+                    waiter = a.waiter
+                    await self._hold(stream, a.max_wait)
+                    a = await gate.wait(a)
+                if isinstance(a, Rejected):
+                    self.telemetry.rejected(ctx.route, rt.policy_name, a.status, _perf() - t0)
+                    return self.answers.reject(a.status, a.message, a.retry_after)
+                candidates, slot = a.candidates, a.slot
             return await self._pick(ctx, rt, phase, stream, candidates, t0, mode)
         finally:
             if slot is not None:
@@ -188,7 +188,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 else:
                     gate.release(slot)            # admitted, then not routed there
             if waiter is not None:
-                gate.settled(waiter)  # counted (or decided otherwise): the next waiter may go
+                # However it went (routed, shed, the hold's write failed): out of the line, and
+                # a grant it got goes on, or the line would stop granting for good.
+                gate.settled(waiter)
 
     async def _hold(self, stream, seconds: float) -> None:
         """Keep Envoy waiting for this message (up to its ``max_message_timeout``) instead
