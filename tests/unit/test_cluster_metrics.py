@@ -8,7 +8,6 @@ import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import struct_pb2
 
 from extproc.config import ConfigError, RouteConfig, policy_config
 from extproc.runtime import build_config, parse_config
@@ -19,6 +18,7 @@ from extproc.policies.cluster_metrics import ClusterMetrics, _ReqState
 from extproc.envoy.processor import Processor
 from extproc.runtime import Runtime
 from extproc.telemetry import Telemetry
+from proc_stream import headers_msg
 
 FIXTURE = Path("/work/shared/fixtures/vllm-0.32-chat-stream.txt")
 ABC = ["a", "b", "c"]
@@ -309,14 +309,7 @@ class Stream:
 
 
 def _headers_msg(route, **hdrs):
-    h = pb.HttpHeaders(end_of_stream=True)
-    for k, v in {":method": "POST", ":path": "/v1/chat/completions", **hdrs}.items():
-        h.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
-    req = pb.ProcessingRequest(request_headers=h)
-    s = struct_pb2.Struct()
-    s.fields["xds.route_name"].string_value = route
-    req.attributes["envoy.filters.http.ext_proc"].CopyFrom(s)
-    return req
+    return headers_msg(route, eos=True, **hdrs)
 
 
 def _resp_headers(status):

@@ -3,13 +3,11 @@ entries, exactly-once "done", leases, auto mode and forwarding between workers."
 
 import asyncio
 
-import grpc
 import pytest
-from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.core.v3 import address_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import struct_pb2
 
 from extproc.envoy.access_log import AccessLogSink, settled, tag
 from extproc.envoy.answers import DEST_HEADER, DEST_METADATA_NS, PM
@@ -19,37 +17,7 @@ from extproc.envoy.processor import Processor
 from extproc.policies import Policy, registry
 from extproc.runtime import Runtime, parse_config
 from extproc.telemetry import Telemetry
-
-
-class Stream:
-    """Feeds requests to the handler; ``hold`` keeps the stream open until released."""
-
-    def __init__(self, msgs, hold=False):
-        self.msgs = list(msgs)
-        self.out = []
-        self.hold = asyncio.Event()
-        if not hold:
-            self.hold.set()
-
-    async def read(self):
-        if self.msgs:
-            return self.msgs.pop(0)
-        await self.hold.wait()
-        return grpc.aio.EOF
-
-    async def write(self, m):
-        self.out.append(m)
-
-
-def headers_msg(route="llm", eos=False):
-    h = pb.HttpHeaders(end_of_stream=eos)
-    for k, v in {":method": "POST", ":path": "/v1/chat/completions"}.items():
-        h.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
-    req = pb.ProcessingRequest(request_headers=h)
-    s = struct_pb2.Struct()
-    s.fields["xds.route_name"].string_value = route
-    req.attributes["envoy.filters.http.ext_proc"].CopyFrom(s)
-    return req
+from proc_stream import Stream, headers_msg
 
 
 class DoneSpy(Policy):

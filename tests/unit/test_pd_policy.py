@@ -5,11 +5,7 @@ the catalog's policies, each with its own state; roles from config, registration
 import asyncio
 import textwrap
 
-import grpc
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import struct_pb2
 
 from extproc.config import ConfigError, EndpointsConfig
 from extproc.core import Endpoint, EndpointDirectory, Pick
@@ -20,35 +16,14 @@ from extproc.envoy.processor import Processor
 from extproc.policies import Policy, registry
 from extproc.runtime import Runtime, parse_config
 from extproc.telemetry import Telemetry
+from proc_stream import Stream
+from proc_stream import headers_msg as proc_headers
 
 P, D1, D2, M = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"
 
 
-class Stream:
-    def __init__(self, msgs, hold=False):
-        self.msgs, self.out, self.hold = list(msgs), [], asyncio.Event()
-        if not hold:
-            self.hold.set()
-
-    async def read(self):
-        if self.msgs:
-            return self.msgs.pop(0)
-        await self.hold.wait()
-        return grpc.aio.EOF
-
-    async def write(self, m):
-        self.out.append(m)
-
-
 def headers_msg(route="llm", **hdrs):
-    h = pb.HttpHeaders(end_of_stream=True)
-    for k, v in {":method": "POST", ":path": "/v1/chat/completions", **hdrs}.items():
-        h.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
-    req = pb.ProcessingRequest(request_headers=h)
-    s = struct_pb2.Struct()
-    s.fields["xds.route_name"].string_value = route
-    req.attributes["envoy.filters.http.ext_proc"].CopyFrom(s)
-    return req
+    return proc_headers(route, eos=True, **hdrs)
 
 
 def mutation(resp):

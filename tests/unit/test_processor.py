@@ -10,27 +10,15 @@ import json
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import struct_pb2
 
 import plugins.model_pin  # noqa: F401 - registers test_model_pin
-from proc_stream import Stream
+from proc_stream import Stream, headers_msg
 from extproc.runtime import parse_config
 from extproc.envoy.answers import DEST_HEADER, DEST_METADATA_NS, PREFILL_HEADER
 from extproc.policies import Policy, registry
 from extproc.envoy.processor import Processor
 from extproc.runtime import Runtime
 from extproc.telemetry import Telemetry
-
-
-def headers_msg(route="llm", eos=False, **hdrs):
-    h = pb.HttpHeaders(end_of_stream=eos)
-    for k, v in {":method": "POST", ":path": "/v1/chat/completions", **hdrs}.items():
-        h.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
-    req = pb.ProcessingRequest(request_headers=h)
-    s = struct_pb2.Struct()
-    s.fields["xds.route_name"].string_value = route
-    req.attributes["envoy.filters.http.ext_proc"].CopyFrom(s)
-    return req
 
 
 def body_msg(body: bytes, eos=True):
