@@ -229,3 +229,33 @@ def test_first_token_samples_reach_the_model():
     n = scorer.model.samples
     p.on_first_token(c, 0.123)
     assert scorer.model.samples == n + 1
+
+
+def test_cache_aware_defaults_keep_affinity_when_a_few_requests_wait():
+    """A few waiting requests on the prefix's endpoint (each counts waiting-weight = 10)
+    are not an imbalance at the default thresholds: the prefix keeps its endpoint. With
+    the old default (8) one waiting request flipped the policy to process_tokens."""
+    from extproc.signals.metrics import EndpointMetrics
+
+    def scrape_all(p, busy, waiting):
+        now = p.env.load.clock()
+        for e in EPS:
+            w = waiting if e.address == busy else 0
+            p.env.load.on_scrape(e.address, EndpointMetrics(
+                {"vllm:num_requests_waiting": w, "vllm:num_requests_running": 4, "vllm:kv_cache_usage_perc": 0.2},
+                at=now, block_size=16, num_blocks=10_000), requested_at=now)
+
+    for abs_threshold, stays in ((None, True), (8, False)):
+        p = make("cache_aware", **({} if abs_threshold is None else {"balance_abs_threshold": abs_threshold}))
+
+        async def go():
+            c = req("system " * 200, "q0")
+            first = await route(p, c, EPS)
+            done(p, c)
+            await asyncio.sleep(0)                  # the tree records after the decision
+            scrape_all(p, first.address, waiting=3)
+            return first, await route(p, req("system " * 200, "q1"), EPS)
+        first, second = run(go())
+        assert p.stats.get("imbalanced", 0) == (0 if stays else 1), (abs_threshold, p.stats)
+        if stays:
+            assert second.address == first.address and p.stats["hit"] == 1
