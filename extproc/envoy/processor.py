@@ -106,8 +106,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             outcome = "reset"
             raise
         except Exception as e:  # noqa: BLE001 - never take the request down with us
-            outcome = "error"
-            self._errlog.warn(("processor", type(e).__name__), "ext_proc stream failed: %r", e)
+            outcome = _failed(self, ctx, rt, e)
         finally:
             if ctx is not None and ctx.policy is not None:
                 _stream_ended(self, ctx, rt, outcome)
@@ -187,9 +186,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     ctx.gate_slot = (gate, slot)  # given back when the request ends
                 else:
                     gate.release(slot)            # admitted, then not routed there
-            if waiter is not None:
-                # However it went (routed, shed, the hold's write failed): out of the line, and
-                # a grant it got goes on, or the line would stop granting for good.
+            if waiter is not None:  # however it went: out of the line, and a grant it got goes on
                 gate.settled(waiter)
 
     async def _hold(self, stream, seconds: float) -> None:
@@ -310,6 +307,17 @@ def _response_body(self: Processor, req: pb.ProcessingRequest, ctx: RequestConte
     return self.answers.response_body
 
 
+def _failed(p: Processor, ctx: RequestContext | None, rt: RouteRuntime | None, e: Exception) -> str:
+    """The stream failed on our side: logged, and when the request was not routed yet
+    (Envoy then sends it on with its own LB) counted as a fallback, ``processor_error``."""
+    if ctx is None or (ctx.endpoint is None and ctx.cluster is None):
+        p.telemetry.fallback(ctx.route if ctx else "", rt.policy_name if rt else "", "processor_error",
+                             f"ext_proc stream failed: {e!r}")
+    else:
+        p._errlog.warn(("processor", type(e).__name__), "ext_proc stream failed: %r", e)
+    return "error"
+
+
 def _answered_last(ctx: RequestContext | None, rt: RouteRuntime | None, duplex: DuplexBody | None) -> bool:
     """The request is routed, its end is left to the access log and the mode ai-lb set
     asks for nothing later: no further message will come on this stream."""
@@ -363,8 +371,8 @@ def _mode(rt: RouteRuntime, ctx: RequestContext | None = None) -> PM | None:
     if rt.needs is None:
         return None
     needs = rt.needs if ctx is None or ctx.held else rt.needs_unheld
-    if ctx is not None and ctx.watch is not None:
-        return processing_mode(needs[0], needs[1], True, needs[3], needs[4])
+    if ctx is not None and ctx.watch is not None:  # the response body too; the rest as needed
+        return processing_mode(needs[0], needs[1], True, *needs[3:])
     return processing_mode(*needs)
 
 

@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 import plugins.model_pin  # noqa: F401 - registers test_model_pin
 from proc_stream import Stream, headers_msg
 from extproc.runtime import parse_config
-from extproc.envoy.answers import DEST_HEADER, DEST_METADATA_NS, PREFILL_HEADER
+from extproc.envoy.answers import DEST_HEADER, DEST_METADATA_NS, PM, PREFILL_HEADER
 from extproc.policies import Policy, registry
 from extproc.envoy.processor import Processor
 from extproc.runtime import Runtime
@@ -275,3 +275,43 @@ async def test_routed_requests_keep_the_stream_open_until_the_response_ends(poli
     s = Stream([headers_msg(route)])
     await p.Process(None, s)
     assert s.out[0].mode_override.response_trailer_mode == s.out[0].mode_override.SEND
+
+
+class Watched(Recorder):
+    name = "test_watched"
+    first_token_sample = 1.0   # every response watched to its first token
+
+
+registry.register(Watched)
+
+
+@pytest.mark.asyncio
+async def test_a_watched_response_on_a_held_stream_is_routed():
+    """First-token sampling while the stream is held (completions: stream, or auto before
+    Envoy's access log is seen): the mode asks for the response body too. It used to raise
+    IndexError (the held needs have no fifth field), the stream failed, and Envoy sent
+    the request on unrouted, uncounted (estimated_ttft's e2e test caught it)."""
+    p, rt, infl, tel = await make("test_watched")
+    s = Stream([headers_msg(eos=True)], hold=True)
+    task = asyncio.ensure_future(p.Process(None, s))
+    await asyncio.sleep(0.01)
+    (resp,) = s.out
+    assert dest(resp)[0] == "10.0.0.1:80"
+    mode = resp.mode_override
+    assert mode.response_body_mode == PM.STREAMED and mode.response_trailer_mode == PM.SEND
+    s.hold.set()
+    await task
+    assert tel.decisions[("llm", "test_watched", "10.0.0.1:80", "picked")] == 1
+    assert len(rt.routes["llm"].policy.done) == 1 and infl.snapshot() == {}   # done once
+
+
+@pytest.mark.asyncio
+async def test_a_stream_that_fails_before_routing_is_a_counted_fallback():
+    p, rt, infl, tel = await make()
+
+    class Failing(Stream):
+        async def read(self):
+            raise RuntimeError("boom")
+
+    await p.Process(None, Failing([]))
+    assert fallbacks(tel, "", "processor_error") == 1
