@@ -52,7 +52,8 @@ def test_real_backend_mode_is_honest(tmp_path):
         assert x["summary"]["ok"] == REQUESTS and {q["prompt_tokens"] for q in x["requests"]} == {prompt}
         assert x["prefix_cache"]["queries"] == REQUESTS * prompt
         assert x["prefix_hit_rate"] == pytest.approx(cold, abs=1e-9), name  # started cold
-        assert x["cpu"]["components"]["backends"]["cpu_s"] > 0
+        be = x["cpu"]["components"]["backends"]   # the local backend's process tree was found and read
+        assert be["processes"] >= 1 and be["cpu_s"] >= 0   # (6 tiny requests can round to 0 clock ticks)
         assert set(x["served"]) == {f"127.0.0.1:{port}"} and x["served_by_source"].startswith("response header")
         assert x["backend_requests"] == {f"127.0.0.1:{port}": REQUESTS}
     md = (out / "results.md").read_text()
