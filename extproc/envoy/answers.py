@@ -65,6 +65,18 @@ class Answers:
         self.response_body = pb.ProcessingResponse(response_body=pb.BodyResponse())
         self.request_trailers = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
         self.response_trailers = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+        self._bytes: dict[int, tuple[pb.ProcessingResponse, bytes]] = {}
+
+    def serialized(self, resp: pb.ProcessingResponse) -> bytes:
+        """``resp`` as bytes, serialized once per cached answer (the one-trip path appends
+        the request's completion id to these bytes). Keyed by identity; the entry holds
+        ``resp``, so the id is never reused while cached."""
+        hit = self._bytes.get(id(resp))
+        if hit is None:
+            if len(self._bytes) > self.MAX_CACHED:
+                self._bytes.clear()
+            hit = self._bytes[id(resp)] = (resp, resp.SerializeToString())
+        return hit[1]
 
     def pick(self, phase: str, address: str, mode: PM | None = None, also: tuple = ()) -> pb.ProcessingResponse:
         """Route to ``address`` (``ip:port``, or the GIE list ``primary,fallback,...``): header

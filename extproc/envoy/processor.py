@@ -38,7 +38,6 @@ HOLD_MARGIN_S = 1.0   # a held request's answer is due this long after its deadl
 ROUTE_ATTR = gie.ROUTE_ATTR
 SUBSET_EMPTY = "no endpoint of the proxy's subset hint is eligible"
 _EOF = grpc.aio.EOF
-_RAW: dict[int, tuple] = {}   # cached answer -> its bytes (tagged per request)
 _perf = time.perf_counter
 
 
@@ -248,12 +247,7 @@ def _tagged(self: Processor, ctx: RequestContext, resp: pb.ProcessingResponse):
     c = self.completions
     if c.mode == "stream":
         return resp
-    hit = _RAW.get(id(resp))
-    if hit is None:
-        if len(_RAW) > 4096:
-            _RAW.clear()
-        hit = _RAW[id(resp)] = (resp, resp.SerializeToString())  # keeps resp alive: id() stays unique
-    raw = tag(hit[1], c.park(ctx))
+    raw = tag(self.answers.serialized(resp), c.park(ctx))
     return Tagged(raw) if self.raw_answers else pb.ProcessingResponse.FromString(raw)
 
 def _settled(self: Processor, ctx: RequestContext, s: Settled | None) -> None:
