@@ -90,19 +90,24 @@ def split_specs(text: str) -> list[str]:
     return out
 
 
-def parse_ai_lb(spec: str) -> tuple[str, dict[str, Any] | None]:
-    """``ai-lb:POLICY{json}`` -> (policy, inline lb_config or None)."""
-    rest = spec.split(":", 1)[1]
+def split_inline(spec: str, rest: str) -> tuple[str, dict[str, Any] | None]:
+    """``NAME{json}`` (the part of ``spec`` after its prefix) -> (NAME, the JSON object, or
+    None when there is none)."""
     if "{" not in rest:
         return rest, None
-    pol, _, js = rest.partition("{")
+    head, _, js = rest.partition("{")
     try:
         cfg = json.loads("{" + js)
     except ValueError as e:
-        raise ValueError(f"system {spec!r}: the lb_config after the policy name is not JSON ({e})") from None
+        raise ValueError(f"system {spec!r}: the lb_config after the name is not JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"system {spec!r}: lb_config must be a JSON object")
-    return pol, cfg
+    return head, cfg
+
+
+def parse_ai_lb(spec: str) -> tuple[str, dict[str, Any] | None]:
+    """``ai-lb:POLICY{json}`` -> (policy, inline lb_config or None)."""
+    return split_inline(spec, spec.split(":", 1)[1])
 
 
 def load_ai_lb_config(path: str | Path | None) -> dict[str, dict[str, Any]]:

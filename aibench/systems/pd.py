@@ -12,7 +12,6 @@ e.g. ``ai-lb-pd:2{"prefill":{"lb_policy":"process_tokens"}}``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .. import devstack as ds
@@ -25,16 +24,10 @@ SPEC = "ai-lb-pd"
 
 def parse_spec(spec: str) -> tuple[int | None, dict[str, Any]]:
     """``ai-lb-pd[:P][{json}]`` -> (prefill servers or None for the default, lb_config)."""
-    rest = spec[len(SPEC):]
-    cfg: dict[str, Any] = {}
-    if "{" in rest:
-        rest, _, js = rest.partition("{")
-        try:
-            cfg = json.loads("{" + js)
-        except ValueError as e:
-            raise ValueError(f"system {spec!r}: the lb_config is not JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"system {spec!r}: lb_config must be a JSON object")
+    from .catalog import split_inline
+
+    rest, inline = split_inline(spec, spec[len(SPEC):])
+    cfg: dict[str, Any] = inline or {}
     if not rest:
         return None, cfg
     if not rest.startswith(":") or not rest[1:].isdigit() or int(rest[1:]) < 1:
