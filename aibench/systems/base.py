@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import time
@@ -123,3 +125,18 @@ class _Base:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
+
+
+def split_inline(spec: str, rest: str) -> tuple[str, dict[str, Any] | None]:
+    """``NAME{json}`` (the part of ``spec`` after its prefix) -> (NAME, the JSON object, or
+    None when there is none)."""
+    if "{" not in rest:
+        return rest, None
+    head, _, js = rest.partition("{")
+    try:
+        cfg = json.loads("{" + js)
+    except ValueError as e:
+        raise ValueError(f"system {spec!r}: the lb_config after the name is not JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"system {spec!r}: lb_config must be a JSON object")
+    return head, cfg

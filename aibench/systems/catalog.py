@@ -15,7 +15,6 @@ then the peers. A policy the registry has but these tables do not name makes
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -90,23 +89,10 @@ def split_specs(text: str) -> list[str]:
     return out
 
 
-def split_inline(spec: str, rest: str) -> tuple[str, dict[str, Any] | None]:
-    """``NAME{json}`` (the part of ``spec`` after its prefix) -> (NAME, the JSON object, or
-    None when there is none)."""
-    if "{" not in rest:
-        return rest, None
-    head, _, js = rest.partition("{")
-    try:
-        cfg = json.loads("{" + js)
-    except ValueError as e:
-        raise ValueError(f"system {spec!r}: the lb_config after the name is not JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"system {spec!r}: lb_config must be a JSON object")
-    return head, cfg
-
-
 def parse_ai_lb(spec: str) -> tuple[str, dict[str, Any] | None]:
     """``ai-lb:POLICY{json}`` -> (policy, inline lb_config or None)."""
+    from .base import split_inline
+
     return split_inline(spec, spec.split(":", 1)[1])
 
 

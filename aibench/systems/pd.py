@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import devstack as ds
 from .api import Backends
-from .base import _http_ok
+from .base import _http_ok, split_inline
 from .envoy import EnvoyAiLb, _port_open
 
 SPEC = "ai-lb-pd"
@@ -24,8 +24,6 @@ SPEC = "ai-lb-pd"
 
 def parse_spec(spec: str) -> tuple[int | None, dict[str, Any]]:
     """``ai-lb-pd[:P][{json}]`` -> (prefill servers or None for the default, lb_config)."""
-    from .catalog import split_inline
-
     rest, inline = split_inline(spec, spec[len(SPEC):])
     cfg: dict[str, Any] = inline or {}
     if not rest:
