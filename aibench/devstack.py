@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -68,25 +69,35 @@ def envoy_binary() -> str:
 
 
 def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+    """n distinct ports free on 127.0.0.1 now, drawn below the kernel's ephemeral range
+    (see free_port_range) and never handed out twice by this process."""
+    return [free_port_range(1) for _ in range(n)]
+
+
+_HANDED: set[int] = set()
+_RNG = random.SystemRandom()     # not the global generator: a test that seeds it must not make two processes draw alike
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(int(f.read().split()[0]), 2048)
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port_range(n: int, avoid: Iterable[int] = (), tries: int = 200) -> int:
     """A first port P such that P..P+n-1 are all free on 127.0.0.1 now (for a simulator
-    that offsets an endpoint's port by its server index, as vLLM does per rank)."""
-    import random
+    that offsets an endpoint's port by its server index, as vLLM does per rank).
 
-    avoid = set(avoid)
+    P is drawn below the kernel's ephemeral range: a port checked free here and bound
+    later must not be handed meanwhile to some other process's outgoing or port-0 socket."""
+    low = _ephemeral_low()
+    if len(_HANDED) > (low - 10000) // 2:       # a long-lived process: forget the oldest era
+        _HANDED.clear()
+    avoid = set(avoid) | _HANDED
     for _ in range(tries):
-        base = random.randint(20000, 60000 - n)
+        base = _RNG.randint(min(10000, low - n - 1), low - n - 1)
         if avoid.intersection(range(base, base + n)):
             continue
         socks = []
@@ -95,6 +106,7 @@ def free_port_range(n: int, avoid: Iterable[int] = (), tries: int = 200) -> int:
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", p))
+            _HANDED.update(range(base, base + n))
             return base
         except OSError:
             continue

@@ -11,7 +11,7 @@ import time
 import aiohttp
 import pytest
 
-from aibench.devstack import free_ports
+from aibench.devstack import free_port_range
 from extproc.signals.kv_events import KvEventsHub, KvEventsSpec
 from extproc.signals.kv_events.spec import EndpointMap
 from vllmsim import KVEventsConfig, SimCluster
@@ -47,7 +47,7 @@ def sim(n: int, ev: KVEventsConfig, blocks: int = 64):
 
 @pytest.mark.parametrize("role", ["engine_connects_out", "engine_binds"])
 async def test_the_view_follows_the_engines_cache_through_evictions(role, tmp_path):
-    base, = free_ports(1)
+    base = free_port_range(2)   # the engines publish on base and base+1 (vLLM's per-rank offset)
     if role == "engine_connects_out":   # vLLM given a concrete host connects; ai-lb binds
         ev = KVEventsConfig(enable_kv_cache_events=True, endpoint=f"tcp://127.0.0.1:{base}")
     else:                               # ipc binds on the engine's side (as tcp://*:P would), ai-lb connects
@@ -85,7 +85,8 @@ async def test_the_view_follows_the_engines_cache_through_evictions(role, tmp_pa
 
 
 async def test_a_late_subscriber_replays_history_and_a_restart_clears_the_view():
-    pub, rep = free_ports(2)
+    pub = free_port_range(1)
+    rep = free_port_range(1, avoid=[pub])
     ev = KVEventsConfig(enable_kv_cache_events=True, endpoint=f"tcp://127.0.0.1:{pub}",
                         replay_endpoint=f"tcp://127.0.0.1:{rep}")
     async with sim(1, ev, blocks=256) as c:
