@@ -67,7 +67,9 @@ async def test_metric_names_labels_and_buckets_match_fixture(sim) -> None:
 
 @pytest.mark.asyncio
 async def test_counters_and_histograms_move(sim) -> None:
-    async with SimCluster(1, config=sim.make_config()) as c, aiohttp.ClientSession() as s:
+    # Time scale 0.5, not 0.02: the latency bound below is in simulated seconds, and a
+    # loaded machine's wall-clock stalls are multiplied by 1/time_scale.
+    async with SimCluster(1, config=sim.make_config(0.5)) as c, aiohttp.ClientSession() as s:
         await asyncio.gather(*(sim.chat(s, c.urls[0], f"q{i}", max_tokens=5) for i in range(3)))
         m = await sim.metrics(s, c.urls[0])
     assert m["vllm:generation_tokens_total"] == 15
