@@ -223,8 +223,12 @@ async def test_a_grant_at_the_deadline_is_used_and_the_line_keeps_granting():
     q = await g.admit(ctx(), EPS)
     loop = asyncio.get_running_loop()
     t = asyncio.ensure_future(g.wait(q))
-    await asyncio.sleep(0)                            # the wait's deadline is scheduled first ...
-    loop.call_at(q.waiter.arrived + 0.05 - time.monotonic() + loop.time(), v.end, busy[0])  # ... the grant at it
+    await asyncio.sleep(0)                            # the wait's deadline is scheduled ...
+    # ... and the grant 10 ms before it; the loop is then held past both, so one loop step
+    # runs the grant and then the deadline, before the waiter resumes (the order the bug
+    # needed, made certain instead of left to clock reads).
+    loop.call_at(q.waiter.arrived + 0.04 - time.monotonic() + loop.time(), v.end, busy[0])
+    loop.call_soon(time.sleep, 0.12)
     a = await t
     assert isinstance(a, Admitted), a
     busy[0] = v.begin(a.candidates[0].address)        # routed there
