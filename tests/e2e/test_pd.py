@@ -185,7 +185,7 @@ def test_registered_instances_take_traffic_through_envoy_and_a_killed_one_leaves
                   {pd.addr(pd.sidecar_port), pd.addr(pd.m1), pd.addr(pd.m2)} or None)
     assert hosts
     served = set()
-    for i in range(12):
+    for i in range(30):   # request_num breaks ties at random: 12 tries missed one of three 2.3% of the time
         st, _, headers = call(pd.url("/registered"), h.chat_body(_prompt(f"reg{i}"), max_tokens=4), token=None)
         assert st == 200
         served.add(headers["x-sim-server"])
