@@ -193,7 +193,8 @@ class EnvoyPorts:
 
 def render_envoy(dst: Path, ports: EnvoyPorts, backends: Iterable[int], hc_interval: float = 0.5,
                  message_timeout: float | None = None, extra_backends_clusters: dict[str, list[int]] | None = None,
-                 access_log: bool = True, ai_lb_cluster: dict | None = None) -> Path:
+                 access_log: bool = True, ai_lb_cluster: dict | None = None,
+                 max_message_timeout: float | None = None) -> Path:
     """The reference config on these ports. ``access_log=False`` drops the completion access
     log (ai-lb then holds streams, or leases run out); ``ai_lb_cluster`` is merged into the
     ai_lb cluster (connection pool settings)."""
@@ -215,10 +216,14 @@ def render_envoy(dst: Path, ports: EnvoyPorts, backends: Iterable[int], hc_inter
     ai["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = ports.ai_lb
     for hc in ai.get("health_checks", []):
         hc["interval"] = hc["no_traffic_interval"] = f"{hc_interval}s"
-    if message_timeout is not None:
-        for f in lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
-            if f["name"] == "envoy.filters.http.ext_proc":
+    for f in lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
+        if f["name"] == "envoy.filters.http.ext_proc":
+            if message_timeout is not None:
                 f["typed_config"]["message_timeout"] = f"{message_timeout}s"
+            if max_message_timeout is not None:   # 0: unset (Envoy then refuses every override)
+                f["typed_config"].pop("max_message_timeout", None)
+                if max_message_timeout:
+                    f["typed_config"]["max_message_timeout"] = f"{max_message_timeout}s"
     for name, bports in (extra_backends_clusters or {}).items():
         # A cluster of that name already in the reference config (llm_backends_b, ...) is replaced.
         cfg["static_resources"]["clusters"] = [x for x in cfg["static_resources"]["clusters"] if x["name"] != name]

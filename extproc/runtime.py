@@ -149,6 +149,13 @@ class Runtime:
         self.on_learned: Any = None  # a route that reads its own cluster met a new one (gauges)
         self._gates: dict[tuple, Gate] = {}  # (route, queue config) -> its gate (waiters survive reloads)
         self._retired: dict[int, Policy] = {}
+        self.hold_limit: float | None = None  # Envoy's longest wait for one ext_proc answer (discovered)
+
+    def set_hold_limit(self, limit: float | None) -> None:
+        """Envoy's longest wait for one ext_proc answer: every queue holds requests less."""
+        self.hold_limit = limit
+        for g in self._gates.values():
+            g.set_hold_limit(limit)
 
     def lookup(self, route_name: str) -> RouteRuntime | None:
         rt = self.routes.get(route_name)
@@ -213,6 +220,7 @@ class Runtime:
                 counts = self.stores.counts(store, rc.queue.redis_timeout / 1000.0)
                 g = SharedGate(rc.name, rc.queue, self.load, RedisLine(counts, rc.pool))
             await g.start()
+        g.set_hold_limit(self.hold_limit)
         gates[key] = g
         return g
 

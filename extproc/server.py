@@ -74,8 +74,7 @@ class Gateway:
         self.completions = Completions(srv.completions, srv.completion_lease, worker=worker.index if worker else 0,
                                        nonce=worker.nonce if worker else None)
         self.forwarder = Forwarder(self.completions, worker) if worker else None
-        if self.forwarder is not None:
-            self.completions.forward = self.forwarder.send
+        self.completions.forward = self.forwarder.send if self.forwarder is not None else self.completions.forward
         self.processor = Processor(self.runtime, self.telemetry, self.load, srv.max_body_bytes, self.completions)
         self.access_log = access_log.AccessLogSink(self.completions)
         self.telemetry.completions = lambda: self.completions.stats
@@ -84,7 +83,8 @@ class Gateway:
         self.telemetry.state_events = lambda: self.stores.events
         self.telemetry.queues = lambda: [(n, r.gate) for n, r in self.runtime.routes.items() if r.gate is not None]
         self.health = Health()  # liveness, readiness, "" and the ext_proc service, both transports
-        self.sources = EndpointSources(self.directory, self._discovery_changed, self.stores, self.telemetry.registry)
+        self.sources = EndpointSources(self.directory, self._discovery_changed, self.stores, self.telemetry.registry,
+                                       on_hold_limit=self.runtime.set_hold_limit)
         self.eds = EdsService(registered_view(self.directory))  # registered instances, served to Envoy
         self._grpc: grpc.aio.Server | None = None
         self._h2: GrpcServer | None = None

@@ -176,13 +176,17 @@ def _queue_families(t: "Telemetry"):
     g = GaugeMetricFamily("ai_lb_queue_waiting", "Requests waiting in a route's queue, by class.",
                           labels=["route", "class"])
     shed = CounterMetricFamily("ai_lb_queue_shed", "Requests a route's queue answered itself: queue_full (429), "
-                               "timeout (503 after max_wait), client_gone (aborted while waiting).",
+                               "timeout (503 after max_wait), client_gone (aborted while waiting), cannot_hold (503: Envoy's "
+                               "max_message_timeout leaves no time to wait).",
                                labels=["route", "class", "reason"])
     waited = HistogramMetricFamily("ai_lb_queue_wait_seconds", "Time requests spent in a route's queue.",
                                    labels=["route", "class"])
+    max_wait = GaugeMetricFamily("ai_lb_queue_max_wait_seconds", "A route's queue.max_wait as applied: capped below "
+                                 "Envoy's ext_proc max_message_timeout when that is shorter.", labels=["route"])
     local = CounterMetricFamily("ai_lb_queue_local", "Admissions a Redis-shared queue decided with this replica's own "
                                 "line because Redis was unavailable (degraded, never stopped).", labels=["route", "class"])
     for route, gate in list(t.queues() if t.queues else ()):
+        max_wait.add_metric([route], max(gate.max_wait, 0.0))
         for cls in gate.cfg.classes:
             g.add_metric([route, cls], gate.line.length(cls))
         for (cls, reason), n in dict(gate.shed).items():
@@ -199,6 +203,7 @@ def _queue_families(t: "Telemetry"):
     yield g
     yield shed
     yield waited
+    yield max_wait
     yield local
 
 

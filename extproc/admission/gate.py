@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -27,6 +28,11 @@ from .queue import Line, Waiter
 from .saturation import Saturation
 
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A held request's answer is due this long before Envoy gives up on the message (and,
+# with failure_mode_allow, sends the request on unrouted): Envoy is told max_wait + this.
+HOLD_MARGIN_S = 1.0
+
+log = logging.getLogger("ai_lb.queue")
 
 
 @dataclass(slots=True)
@@ -61,6 +67,7 @@ class Gate:
         self._cands: Sequence[Endpoint] = ()
         self._watched: tuple[str, ...] = ()
         self._granted: Waiter | None = None
+        self.hold_limit: float | None = None   # Envoy's longest wait for one ext_proc answer, when known
         # (class) -> counts, for the metrics
         self.shed: dict[tuple[str, str], int] = {}             # (class, reason) -> n
         self.degraded: dict[str, int] = {}                     # class -> decisions made locally (shared line down)
@@ -78,6 +85,29 @@ class Gate:
 
     async def start(self) -> None:
         pass
+
+    @property
+    def max_wait(self) -> float:
+        """``queue.max_wait``, capped so that a held request is answered before Envoy stops
+        waiting for the message (its ext_proc ``max_message_timeout``, less the margin)."""
+        lim = self.hold_limit
+        return self.cfg.max_wait if lim is None else min(self.cfg.max_wait, lim - HOLD_MARGIN_S)
+
+    def set_hold_limit(self, limit: float | None) -> None:
+        """Envoy's longest wait for one ext_proc answer (discovered from its admin API)."""
+        if limit == self.hold_limit:
+            return
+        self.hold_limit = limit
+        mw = self.max_wait
+        if mw <= 0:
+            log.warning("route %r: Envoy waits at most %g s for an ext_proc answer, too short to hold a request "
+                        "(queue.max_wait %g s + %g s); requests that would wait are answered 503. Set the ext_proc "
+                        "filter's max_message_timeout above max_wait + %g s", self.route, limit, self.cfg.max_wait,
+                        HOLD_MARGIN_S, HOLD_MARGIN_S)
+        elif mw < self.cfg.max_wait:
+            log.warning("route %r: queue.max_wait %g s is capped at %g s: Envoy's ext_proc max_message_timeout is "
+                        "%g s, and a held request must be answered before Envoy stops waiting and sends it on "
+                        "unrouted", self.route, self.cfg.max_wait, mw, limit)
 
     def close(self) -> None:
         self.view.unwatch(self._watched, self._on_change)
@@ -120,11 +150,13 @@ class Gate:
             roomy = self.roomy(candidates)
             if roomy:
                 return Admitted(roomy)
+        if self.max_wait <= 0:
+            return self._cannot_hold(cls)
         w = self._push(ctx, cls)
         if w is None:
             return self._full(cls)
         self._poke()
-        return Queued(w, self.cfg.max_wait)
+        return Queued(w, self.max_wait)
 
     def _push(self, ctx: RequestContext, cls: str) -> Waiter | None:
         tenant = ctx.headers.get(self.cfg.tenant_header, "") if self.cfg.tenant_header else ""
@@ -134,6 +166,12 @@ class Gate:
         self._count(cls, "queue_full")
         return Rejected(429, f"all endpoints of route {self.route!r} are busy and {len(self.line)} requests "
                              "are waiting; retry later", self.cfg.retry_after)
+
+    def _cannot_hold(self, cls: str) -> Rejected:
+        self._count(cls, "cannot_hold")
+        return Rejected(503, f"all endpoints of route {self.route!r} are busy and the gateway cannot hold the "
+                             "request (Envoy's ext_proc max_message_timeout is too short); retry later",
+                        self.cfg.retry_after)
 
     def release(self, slot: str | None) -> None:
         """A request admitted with a slot is over (exactly once). Local slots need nothing:
@@ -153,7 +191,7 @@ class Gate:
             self._leave(w)
             self._count(w.cls, "timeout")
             self._observe(w)
-            return Rejected(503, f"no endpoint of route {self.route!r} freed up within {self.cfg.max_wait:g} s; "
+            return Rejected(503, f"no endpoint of route {self.route!r} freed up within {q.max_wait:g} s; "
                                  "retry later", self.cfg.retry_after)
         except asyncio.CancelledError:  # the client went away (Envoy reset the stream)
             self.line.pop(w)

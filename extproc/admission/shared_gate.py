@@ -51,10 +51,14 @@ class SharedGate(Gate):
         if len(self.line) >= self.cfg.max_queued:
             return self._full(cls)
         by = {e.address: e for e in candidates}
-        ep, member = await self.shared.claim("", self.line.rank[cls], self.cfg.max_wait,
+        max_wait = self.max_wait
+        ep, member = await self.shared.claim("", self.line.rank[cls], max(max_wait, 0.0),
                                              self.cfg.saturation.max_inflight or 1 << 30, list(by))
         if ep is not None:
             return Admitted([by[ep]], slot=ep)
+        if max_wait <= 0:
+            asyncio.get_running_loop().create_task(self.shared.leave(member))
+            return self._cannot_hold(cls)
         w = self._push(ctx, cls)
         if w is None:                       # filled up while we asked
             asyncio.get_running_loop().create_task(self.shared.leave(member))
@@ -63,7 +67,7 @@ class SharedGate(Gate):
         self._members[member] = w
         if self._poller is None or self._poller.done():
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name=f"queue {self.route}")
-        return Queued(w, self.cfg.max_wait)
+        return Queued(w, max_wait)
 
     async def _poll(self) -> None:
         """Ask the shared line for a slot for our waiters, oldest first, until none is left."""
@@ -72,10 +76,10 @@ class SharedGate(Gate):
             while self._members:
                 w = next(iter(sorted(self._members.values(), key=lambda x: (x.rank, x.arrived))))
                 addrs = [e.address for e in self._cands]
-                ep, head = await self.shared.claim(w.member, w.rank, self.cfg.max_wait, cap, addrs)
+                ep, head = await self.shared.claim(w.member, w.rank, self.max_wait, cap, addrs)
                 if ep is None and head in self._members and head != w.member:
                     w = self._members[head]   # another of ours is the global head
-                    ep, _ = await self.shared.claim(w.member, w.rank, self.cfg.max_wait, cap, addrs)
+                    ep, _ = await self.shared.claim(w.member, w.rank, self.max_wait, cap, addrs)
                 if ep is None:
                     await asyncio.sleep(POLL_S)
                     continue

@@ -27,9 +27,10 @@ def kubernetes_targets(cfg: Config) -> tuple:
 
 class EndpointSources:
     def __init__(self, directory: EndpointDirectory, on_change: Callable[[], None], stores: Any = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, on_hold_limit: Callable[[float | None], None] | None = None) -> None:
         self.directory = directory
         self.on_change = on_change
+        self.on_hold_limit = on_hold_limit  # Envoy's longest wait for one ext_proc answer (envoy_admin)
         self.stores = stores      # the gateway's StateStores (the registry's Redis connection)
         self.metrics = metrics    # the CollectorRegistry the registry's metrics join
         self._registry_metrics: RegistryMetrics | None = None
@@ -75,7 +76,8 @@ class EndpointSources:
     def _start_admin(self, cfg: Config) -> None:
         s = cfg.server
         if s.envoy_admin:
-            self.admin = EnvoyAdminDiscovery(s.envoy_admin, self.directory, s.discovery_interval, on_change=self.on_change)
+            self.admin = EnvoyAdminDiscovery(s.envoy_admin, self.directory, s.discovery_interval, on_change=self.on_change,
+                                             on_hold_limit=self.on_hold_limit)
             self.admin.start()
 
     def _start_k8s(self, cfg: Config) -> None:

@@ -19,7 +19,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from ..admission.gate import Queued, Rejected
+from ..admission.gate import HOLD_MARGIN_S, Queued, Rejected
 from ..core import BodyError, ClusterPick, Endpoint, Fallback, Pick, Reject, RequestContext, Wait
 from ..runtime import RouteRuntime, Runtime
 from ..signals import LoadView
@@ -34,7 +34,6 @@ from .duplex import FULL_DUPLEX, DuplexBody, DuplexRequests, streamed
 log = logging.getLogger("ai_lb.processor")
 
 ATTR_NAMESPACE = gie.ATTR_NAMESPACE
-HOLD_MARGIN_S = 1.0   # a held request's answer is due this long after its deadline at the latest
 ROUTE_ATTR = gie.ROUTE_ATTR
 SUBSET_EMPTY = "no endpoint of the proxy's subset hint is eligible"
 _EOF = grpc.aio.EOF

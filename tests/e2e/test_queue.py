@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 import harness as h
+from extproc.discovery.envoy_admin import ext_proc_hold_limit
 
 pytestmark = pytest.mark.e2e
 
@@ -97,3 +98,31 @@ def test_priorities_are_served_in_order(gw):
     assert all(r["status"] == 200 for r in res), res
     order = [r["tag"] for r in sorted(res, key=lambda r: r["end"])]
     assert order == ["first", "high", "normal", "low1", "low2"], order
+
+
+def test_the_queue_reads_how_long_envoy_waits_and_holds_no_longer(gw, tmp_path):
+    """A held request must be answered before Envoy stops waiting for ext_proc's answer
+    (its max_message_timeout): past it, Envoy would send the request on unrouted. ai-lb
+    reads the limit from Envoy's admin API and caps max_wait at it, less the 1 s margin."""
+    ref = json.loads(h.http_get(f"http://127.0.0.1:{gw.ports.admin}/config_dump")[1])
+    assert ext_proc_hold_limit(ref) == 120.0                    # the reference config
+    listen, admin, grpc_port, metrics = h.free_ports(4)
+    ports = h.EnvoyPorts(listen, admin, grpc_port)
+    envoy = h.start_envoy(tmp_path, ports, gw.backends, max_message_timeout=2.0)
+    short = type(gw)(tmp_path, gw.backends, ports, metrics, envoy, gw.sim)
+    try:
+        h.wait_cluster_healthy(admin, "llm_backends", 3)
+        short.ai_lb(route({"saturation": {"max_inflight": 1}, "max_wait": 20}))
+        deadline = time.monotonic() + 5
+        while qmetric(short, "ai_lb_queue_max_wait_seconds") != 1.0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert qmetric(short, "ai_lb_queue_max_wait_seconds") == 1.0
+        res = burst(short.url + CHAT, [(0.0, 30000, None, 30, "long")] * 3 + [(0.3, 8, None, 30, "held")] * 2)
+        held = [r for r in res if r["tag"] == "held"]
+        assert [r["status"] for r in held] == [503, 503], held   # answered by ai-lb, not sent on unrouted
+        assert all(0.8 < r["t"] < 1.9 for r in held), [r["t"] for r in held]
+        assert qmetric(short, "ai_lb_queue_shed_total", reason="timeout") == 2
+        assert qmetric(short, "ai_lb_fallbacks_total") == 0
+    finally:
+        short.stop_ai_lbs()
+        envoy.stop()

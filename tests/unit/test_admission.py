@@ -254,3 +254,29 @@ async def test_a_waiter_settled_without_waiting_leaves_the_line():
     await asyncio.sleep(0)
     v.end(busy[0])
     assert isinstance(await asyncio.wait_for(t2, 1), Admitted)
+
+
+@pytest.mark.asyncio
+async def test_envoys_hold_limit_caps_the_wait_and_a_limit_too_short_to_hold_is_a_503():
+    """Envoy stops waiting for a held message at its max_message_timeout and, with
+    failure_mode_allow, sends the request on unrouted: the gate holds 1 s less than that,
+    and answers 503 itself when that leaves nothing."""
+    v = LoadView()
+    g = gate(v, max_wait=20)
+    busy = [v.begin(e.address) for e in EPS]
+    assert g.max_wait == 20
+    g.set_hold_limit(1.3)
+    assert g.max_wait == pytest.approx(0.3)
+    q = await g.admit(ctx(), EPS)
+    assert isinstance(q, Queued) and q.max_wait == pytest.approx(0.3)
+    t0 = time.monotonic()
+    r = await g.wait(q)
+    assert isinstance(r, Rejected) and r.status == 503 and 0.25 < time.monotonic() - t0 < 1.0
+    g.set_hold_limit(0.3)            # message_timeout only (no max_message_timeout): no overrides
+    r = await g.admit(ctx(), EPS)
+    assert isinstance(r, Rejected) and r.status == 503 and "max_message_timeout" in r.message
+    assert g.shed == {("normal", "timeout"): 1, ("normal", "cannot_hold"): 1} and len(g.line) == 0
+    v.end(busy[0])
+    assert isinstance(await g.admit(ctx(), EPS), Admitted)   # room: admitted, whatever the limit
+    g.set_hold_limit(None)
+    assert g.max_wait == 20

@@ -1,6 +1,6 @@
 from extproc.config import EndpointsConfig
 from extproc.core import Endpoint, EndpointDirectory
-from extproc.discovery.envoy_admin import parse_admin_clusters
+from extproc.discovery.envoy_admin import ext_proc_hold_limit, parse_admin_clusters
 
 
 def host(ip, port, **health):
@@ -46,3 +46,27 @@ def test_directory_cache_invalidated_on_change():
     assert d.update_clusters({"llm": (Endpoint("10.0.0.9:1"),)}) is True
     assert d.candidates(cfg) == (Endpoint("10.0.0.9:1"),)
     assert d.update_clusters({"llm": (Endpoint("10.0.0.9:1"),)}) is False
+
+
+def _ext_proc(**timeouts):
+    return {"name": "envoy.filters.http.ext_proc", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "ai_lb"}}, **timeouts}}
+
+
+def _dump(*filters):
+    hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "http_filters": [*filters, {"name": "envoy.filters.http.router"}]}}
+    return {"configs": [{"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+                         "static_listeners": [{"listener": {"filter_chains": [{"filters": [hcm]}]}}]}]}
+
+
+def test_envoys_longest_wait_for_an_ext_proc_answer_from_its_config_dump():
+    assert ext_proc_hold_limit(_dump(_ext_proc(message_timeout="0.300s", max_message_timeout="120s"))) == 120.0
+    assert ext_proc_hold_limit(_dump(_ext_proc(message_timeout="0.300s"))) == 0.3     # no overrides allowed
+    assert ext_proc_hold_limit(_dump(_ext_proc())) == 0.2                             # Envoy's defaults
+    two = _dump(_ext_proc(max_message_timeout="120s"), _ext_proc(max_message_timeout="10.500s"))
+    assert ext_proc_hold_limit(two) == 10.5                                           # the shortest counts
+    assert ext_proc_hold_limit(_dump()) is None and ext_proc_hold_limit({}) is None
+    assert ext_proc_hold_limit(_dump(_ext_proc(max_message_timeout={"seconds": "3", "nanos": 500000000}))) == 3.5
