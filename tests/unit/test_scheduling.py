@@ -243,15 +243,24 @@ def test_least_kv_cache_prefers_room():
 def test_least_kv_cache_breaks_near_equal_kv_by_requests_in_flight():
     """Low, near-equal KV usage (0.1 % apart) is no signal: held requests decide, so the
     picks stay as even as round robin's instead of a uniform random draw. FlexLB's pure
-    KV choice (requests_weight: 0) is still there."""
-    for weight, tight in ((0.05, True), (0.0, False)):
-        p = make("least_kv_cache", requests_weight=weight)
-        now = p.env.load.clock()
-        for a, kv in zip(A, (0.020, 0.021, 0.022, 0.021)):
-            scrape(p.env.load, a, at=now - 0.01, kv=kv, num_blocks=1_000_000)
-        got = Counter(e.address for e in route_many(p, 80))      # held: in flight grows where picked
-        spread = max(got.values()) - min(got.values())
-        assert (spread <= 4) == tight, (weight, got)
+    KV choice (requests_weight: 0) is still there.
+
+    The picker draws from ``random``: seeded here, because 80 unseeded pure-KV picks came
+    out within 4 of even in 5 of 40 seeds (the test then failed at random); with 400 picks
+    that was 1 in 40, and the tie-broken spread stays 0."""
+    state = random.getstate()
+    random.seed(20261202)
+    try:
+        for weight, tight in ((0.05, True), (0.0, False)):
+            p = make("least_kv_cache", requests_weight=weight)
+            now = p.env.load.clock()
+            for a, kv in zip(A, (0.020, 0.021, 0.022, 0.021)):
+                scrape(p.env.load, a, at=now - 0.01, kv=kv, num_blocks=1_000_000)
+            got = Counter(e.address for e in route_many(p, 400))      # held: in flight grows where picked
+            spread = max(got.values()) - min(got.values())
+            assert (spread <= 4) == tight, (weight, got)
+    finally:
+        random.setstate(state)
 
 
 def test_failing_endpoint_stops_attracting_traffic():
