@@ -95,10 +95,11 @@ def free_port_range(n: int, avoid: Iterable[int] = (), tries: int = 200) -> int:
     low = _ephemeral_low()
     if len(_HANDED) > (low - 10000) // 2:       # a long-lived process: forget the oldest era
         _HANDED.clear()
-    avoid = set(avoid) | _HANDED
+    avoid = set(avoid)
     for _ in range(tries):
         base = _RNG.randint(min(10000, low - n - 1), low - n - 1)
-        if avoid.intersection(range(base, base + n)):
+        span = range(base, base + n)
+        if avoid.intersection(span) or _HANDED.intersection(span):
             continue
         socks = []
         try:

@@ -73,8 +73,7 @@ class Gateway:
         srv = self.config.server
         self.completions = Completions(srv.completions, srv.completion_lease, worker=worker.index if worker else 0,
                                        nonce=worker.nonce if worker else None)
-        self.forwarder = Forwarder(self.completions, worker) if worker else None
-        self.completions.forward = self.forwarder.send if self.forwarder is not None else self.completions.forward
+        self.forwarder = Forwarder(self.completions, worker) if worker else None  # becomes completions.forward
         self.processor = Processor(self.runtime, self.telemetry, self.load, srv.max_body_bytes, self.completions)
         self.access_log = access_log.AccessLogSink(self.completions)
         self.telemetry.completions = lambda: self.completions.stats

@@ -150,13 +150,14 @@ class Gate:
             roomy = self.roomy(candidates)
             if roomy:
                 return Admitted(roomy)
-        if self.max_wait <= 0:
+        max_wait = self.max_wait
+        if max_wait <= 0:
             return self._cannot_hold(cls)
         w = self._push(ctx, cls)
         if w is None:
             return self._full(cls)
         self._poke()
-        return Queued(w, self.max_wait)
+        return Queued(w, max_wait)
 
     def _push(self, ctx: RequestContext, cls: str) -> Waiter | None:
         tenant = ctx.headers.get(self.cfg.tenant_header, "") if self.cfg.tenant_header else ""

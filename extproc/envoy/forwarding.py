@@ -55,7 +55,10 @@ def socket_pairs(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
 
 class Forwarder:
     def __init__(self, completions: Completions, link: WorkerLink) -> None:
+        """Also installs itself as ``completions.forward``: an entry for another worker's
+        request is sent to that worker."""
         self.completions = completions
+        completions.forward = self.send
         self.link = link
         self.dropped = 0
         self._loop: asyncio.AbstractEventLoop | None = None

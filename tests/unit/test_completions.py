@@ -199,8 +199,8 @@ async def test_a_worker_forwards_an_entry_to_the_worker_that_routed_it():
     got = []
     cs[0].on_settled = lambda ctx, s: got.append((ctx, s.status))
     fw = [Forwarder(cs[i], WorkerLink(i, 2, None, ins, outs, "n0nce")) for i in range(2)]
+    assert [c.forward for c in cs] == [f.send for f in fw]    # a Forwarder installs itself
     for i in range(2):
-        cs[i].forward = fw[i].send
         fw[i].start()
 
     class Ctx:
