@@ -30,12 +30,9 @@ class Telemetry:
         self.requests_done: dict[tuple[str, str], int] = {}         # route, outcome
         self.inflight: dict[str, int] = {}                          # endpoint
         self.decision_seconds: dict[tuple[str, str], list] = {}     # route, policy -> [bucket counts..., sum]
+        self.served: dict[tuple[str, str], int] = {}                # route, picked | fallback
         self.reloads = Counter("ai_lb_config_reloads", "Configuration reload attempts by result.", ["result"],
                                registry=self.registry)
-        self.served = Counter(
-            "ai_lb_served_endpoint", "Served endpoints Envoy reported (GIE x-gateway-destination-endpoint-served): "
-            "outcome picked, or fallback (a retry went to a later endpoint of the list).", ["route", "outcome"],
-            registry=self.registry)
         self.endpoints = Gauge("ai_lb_route_endpoints", "Known endpoints per route by health.", ["route", "state"],
                                registry=self.registry)
         # Set by the gateway: yields (route, policy name, policy.stats) for live policies,
@@ -77,7 +74,8 @@ class Telemetry:
         self.inflight[endpoint] = n
 
     def served_report(self, route: str, as_picked: bool) -> None:
-        self.served.labels(route, "picked" if as_picked else "fallback").inc()
+        k = (route, "picked" if as_picked else "fallback")
+        self.served[k] = self.served.get(k, 0) + 1
 
     def done(self, route: str, outcome: str) -> None:
         k = (route, outcome)
@@ -124,6 +122,12 @@ class _Collector:
                                 "(no_body: a bodyless request on a prompt-reading route), passed to Envoy's "
                                 "native load balancing; not fallbacks.", labels=["route", "reason"])
         for k, v in dict(t.skipped).items():
+            c.add_metric(list(k), v)
+        yield c
+        c = CounterMetricFamily("ai_lb_served_endpoint", "Served endpoints Envoy reported (GIE "
+                                "x-gateway-destination-endpoint-served): outcome picked, or fallback (a retry went to "
+                                "a later endpoint of the list).", labels=["route", "outcome"])
+        for k, v in dict(t.served).items():
             c.add_metric(list(k), v)
         yield c
         c = CounterMetricFamily("ai_lb_requests_done", "Finished requests that ai-lb routed, by how they ended.",

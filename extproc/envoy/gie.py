@@ -89,16 +89,20 @@ def fallbacks(primary: Endpoint, named: Iterable[Endpoint], candidates: Sequence
     address, so every replica agrees on ties). Among more than ``FALLBACK_POOL``
     candidates, the least loaded of ``FALLBACK_POOL`` of them from a random place: a decision's cost
     stays flat in the fleet's size (sorting 1,000 endpoints per request cost ~200 µs)."""
-    out = [e.address for e in named if e.address != primary.address]
+    first = primary.address
+    out = [e.address for e in named if e.address != first] if named else []
     if len(out) >= n:
         return tuple(dict.fromkeys(out))
     pool = candidates
     if len(candidates) > FALLBACK_POOL:  # a window at a random place (one random draw, no copy of the fleet)
         i = rng.randrange(len(candidates))
         pool = (*candidates[i:i + FALLBACK_POOL], *candidates[:max(0, i + FALLBACK_POOL - len(candidates))])
-    taken = {primary.address, *out}
-    rest = sorted((e.address for e in pool if e.address not in taken), key=lambda a: (requests(a), a))
-    return tuple(dict.fromkeys(out + rest[:n - len(out)]))
+    if out:
+        taken = {first, *out}
+        loads = sorted([(requests(a), a) for e in pool if (a := e.address) not in taken])
+        return tuple(dict.fromkeys(out + [a for _, a in loads[:n - len(out)]]))
+    loads = sorted([(requests(a), a) for e in pool if (a := e.address) != first])
+    return tuple(dict.fromkeys(a for _, a in loads[:n]))
 
 
 def destination(d: Endpoint, named: tuple, candidates: tuple, n: int, subset: frozenset[str] | None,

@@ -237,7 +237,7 @@ async def test_served_endpoint_moves_the_in_flight_count(report):
     await task
     assert counts == ((0, 1) if report else (1, 0))  # while in flight, it counts where it really is
     assert rt.load.requests(picked) == rt.load.requests(fallback) == 0
-    assert tel.served.labels("llm", "fallback")._value.get() == (1 if report else 0)
+    assert tel.served.get(("llm", "fallback"), 0) == (1 if report else 0)
 
 
 def test_fallbacks_stay_flat_in_fleet_size_and_least_loaded():
