@@ -145,9 +145,9 @@ class LoadView:
         """One more request on ``address``, expected to cost ``tokens`` prompt tokens (and
         the KV blocks they fill at the endpoint's block size)."""
         self.inflight.inc(address)
-        r = self.record(address)
-        bs = r.metrics.block_size if r.metrics is not None and r.metrics.block_size else DEFAULT_BLOCK_SIZE
-        blocks = tokens / bs
+        r = self._rec.get(address) or self.record(address)
+        m = r.metrics
+        blocks = tokens / (m.block_size if m is not None and m.block_size else DEFAULT_BLOCK_SIZE) if tokens else 0.0
         t = Ticket(address, self.clock(), tokens, blocks)
         r.requests = self.inflight.get(address) if self.shared else r.requests + 1
         r.tokens += tokens
@@ -155,7 +155,8 @@ class LoadView:
         r.assumed_tokens += tokens
         r.assumed_blocks += blocks
         r.pending.append(t)
-        self._changed(r)
+        if self._watchers:
+            self._changed(r)
         return t
 
     def end(self, ticket: Ticket, status: int | None = None) -> None:
@@ -163,9 +164,10 @@ class LoadView:
         0 for a connection failure, counts as an error against the endpoint)."""
         if ticket.state == ENDED:
             return
-        self.inflight.dec(ticket.address)
-        r = self.record(ticket.address)
-        r.requests = self.inflight.get(ticket.address) if self.shared else max(0, r.requests - 1)
+        address = ticket.address
+        self.inflight.dec(address)
+        r = self._rec.get(address) or self.record(address)
+        r.requests = self.inflight.get(address) if self.shared else max(0, r.requests - 1)
         r.tokens = max(0, r.tokens - ticket.tokens)
         if ticket.state == ASSUMED:
             self._unassume(r, ticket)
@@ -175,7 +177,8 @@ class LoadView:
         self._compact(r)
         if status is not None:
             self._outcome(r, status)
-        self._changed(r)
+        if self._watchers:
+            self._changed(r)
 
     @staticmethod
     def _compact(r: EndpointLoad) -> None:
