@@ -41,7 +41,7 @@ from pathlib import Path
 import yaml
 
 from . import devstack as ds
-from .overhead_wrk import LUA, chat_body, instant_backends_config
+from .overhead_wrk import LUA, chat_body, start_instant_backends
 
 MAGIC = b"ai-lb-hotpath/1\n"
 _REC = struct.Struct(">II")  # connection number, length
@@ -88,11 +88,7 @@ def record(out: Path, policy: str = "round_robin", seconds: float = 4.0, wrk: bo
     try:
         bports = ds.free_ports(4)
         badmin, listen, admin, grpc, metrics = ds.free_ports(5)
-        (tmp / "backends.yaml").write_text(yaml.safe_dump(instant_backends_config(badmin, bports)))
-        procs.append(ds.spawn("backends", [ds.envoy_binary(), "-c", str(tmp / "backends.yaml"), "--concurrency", "1",
-                                           "--use-dynamic-base-id", "--log-level", "warn"], tmp))
-        for p in bports:
-            ds.wait_port(p, proc=procs[-1])
+        procs.append(start_instant_backends(tmp, badmin, bports))
         procs.append(ds.start_envoy(tmp, ds.EnvoyPorts(listen, admin, grpc), bports, message_timeout=2.0))
         ds.wait_cluster_healthy(admin, "llm_backends", len(bports))
         cfg = tmp / "ai-lb.yaml"

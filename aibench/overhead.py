@@ -32,11 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from . import devstack as ds
 from . import floor as ext_proc_floor
-from .overhead_wrk import LUA, chat_body, instant_backends_config, run_wrk
+from .overhead_wrk import LUA, chat_body, run_wrk, start_instant_backends
 
 # label, body bytes, connections, think time per connection (ms)
 CASES = [("1 KB, c=1", 1024, 1, 0.0),
@@ -73,11 +71,7 @@ def main() -> int:
     try:
         bports = ds.free_ports(4)
         badmin, listen, admin, grpc, metrics = ds.free_ports(5)
-        (tmp / "backends.yaml").write_text(yaml.safe_dump(instant_backends_config(badmin, bports)))
-        procs.append(ds.spawn("backends", [ds.envoy_binary(), "-c", str(tmp / "backends.yaml"), "--concurrency", "1",
-                                           "--use-dynamic-base-id", "--log-level", "warn"], tmp))
-        for p in bports:
-            ds.wait_port(p, proc=procs[-1])
+        procs.append(start_instant_backends(tmp, badmin, bports))
         ports = ds.EnvoyPorts(listen, admin, grpc)
         procs.append(ds.start_envoy(tmp, ports, bports, message_timeout=2.0))
         ds.wait_cluster_healthy(admin, "llm_backends", len(bports))

@@ -9,6 +9,9 @@ import re
 import subprocess
 from pathlib import Path
 
+import yaml
+
+from . import devstack as ds
 from .monitor import CpuMonitor
 
 LUA = """
@@ -40,6 +43,16 @@ def instant_backends_config(admin: int, ports: list[int]) -> dict:
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]})
     return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
             "static_resources": {"listeners": listeners}}
+
+
+def start_instant_backends(tmp: Path, admin: int, ports: list[int]) -> ds.Proc:
+    """One Envoy (one worker) answering on every port of ``ports`` at once."""
+    (tmp / "backends.yaml").write_text(yaml.safe_dump(instant_backends_config(admin, ports)))
+    p = ds.spawn("backends", [ds.envoy_binary(), "-c", str(tmp / "backends.yaml"), "--concurrency", "1",
+                              "--use-dynamic-base-id", "--log-level", "warn"], tmp)
+    for port in ports:
+        ds.wait_port(port, proc=p)
+    return p
 
 
 def chat_body(size: int) -> bytes:

@@ -108,44 +108,26 @@ class _Collector:
 
     def collect(self):
         t = self.t
-        c = CounterMetricFamily("ai_lb_decisions", "Routing decisions by route, policy, endpoint and outcome "
-                                "(picked, rejected, fallback).", labels=["route", "policy", "endpoint", "outcome"])
-        for k, v in dict(t.decisions).items():
-            c.add_metric(list(k), v)
-        yield c
-        c = CounterMetricFamily("ai_lb_fallbacks", "Requests handed back to Envoy's native load balancing, by reason.",
-                                labels=["route", "reason"])
-        for k, v in dict(t.fallbacks).items():
-            c.add_metric(list(k), v)
-        yield c
-        c = CounterMetricFamily("ai_lb_requests_skipped", "Requests a route's policy had nothing to decide on "
-                                "(no_body: a bodyless request on a prompt-reading route), passed to Envoy's "
-                                "native load balancing; not fallbacks.", labels=["route", "reason"])
-        for k, v in dict(t.skipped).items():
-            c.add_metric(list(k), v)
-        yield c
-        c = CounterMetricFamily("ai_lb_served_endpoint", "Served endpoints Envoy reported (GIE "
-                                "x-gateway-destination-endpoint-served): outcome picked, or fallback (a retry went to "
-                                "a later endpoint of the list).", labels=["route", "outcome"])
-        for k, v in dict(t.served).items():
-            c.add_metric(list(k), v)
-        yield c
-        c = CounterMetricFamily("ai_lb_requests_done", "Finished requests that ai-lb routed, by how they ended.",
-                                labels=["route", "outcome"])
-        for k, v in dict(t.requests_done).items():
-            c.add_metric(list(k), v)
-        yield c
+        yield _counters("ai_lb_decisions", "Routing decisions by route, policy, endpoint and outcome (picked, "
+                        "rejected, fallback).", ["route", "policy", "endpoint", "outcome"], t.decisions)
+        yield _counters("ai_lb_fallbacks", "Requests handed back to Envoy's native load balancing, by reason.",
+                        ["route", "reason"], t.fallbacks)
+        yield _counters("ai_lb_requests_skipped", "Requests a route's policy had nothing to decide on (no_body: a "
+                        "bodyless request on a prompt-reading route), passed to Envoy's native load balancing; not "
+                        "fallbacks.", ["route", "reason"], t.skipped)
+        yield _counters("ai_lb_served_endpoint", "Served endpoints Envoy reported (GIE "
+                        "x-gateway-destination-endpoint-served): outcome picked, or fallback (a retry went to a later "
+                        "endpoint of the list).", ["route", "outcome"], t.served)
+        yield _counters("ai_lb_requests_done", "Finished requests that ai-lb routed, by how they ended.",
+                        ["route", "outcome"], t.requests_done)
         g = GaugeMetricFamily("ai_lb_inflight_requests", "Requests in flight per endpoint through this instance.",
                               labels=["endpoint"])
         for k, v in dict(t.inflight).items():
             g.add_metric([k], v)
         yield g
-        c = CounterMetricFamily("ai_lb_state_events", "State store events: redis errors answered with local "
-                                "state (local_pick, local_count), resynchronisations after an outage (resync).",
-                                labels=["store", "event"])
-        for k, v in dict(t.state_events() if t.state_events else {}).items():
-            c.add_metric(list(k), v)
-        yield c
+        yield _counters("ai_lb_state_events", "State store events: redis errors answered with local state "
+                        "(local_pick, local_count), resynchronisations after an outage (resync).", ["store", "event"],
+                        t.state_events() if t.state_events else {})
         c = CounterMetricFamily("ai_lb_policy_events", "Events counted by the policies themselves (e.g. prefix "
                                 "hit/miss, endpoints without fresh metrics, missing metrics).",
                                 labels=["route", "policy", "event"])
@@ -173,6 +155,15 @@ class _Collector:
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
             h.add_metric(list(k), buckets, counts[-1])
         yield h
+
+
+def _counters(name: str, doc: str, labels: list[str], values: dict) -> CounterMetricFamily:
+    """A counter family from a dict of label tuples to counts (copied first: the request
+    path may add keys while a scrape runs)."""
+    c = CounterMetricFamily(name, doc, labels=labels)
+    for k, v in dict(values).items():
+        c.add_metric(list(k), v)
+    return c
 
 
 def _queue_families(t: "Telemetry"):

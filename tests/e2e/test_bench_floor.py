@@ -6,11 +6,9 @@ import threading
 import urllib.request
 
 import pytest
-import yaml
-
 from aibench import devstack as ds
 from aibench import floor
-from aibench.overhead_wrk import instant_backends_config
+from aibench.overhead_wrk import start_instant_backends
 
 pytestmark = pytest.mark.e2e
 
@@ -24,11 +22,7 @@ def test_the_floor_routes_where_it_answers_and_no_call_fails(tmp_path):
     try:
         bports = ds.free_ports(4)
         badmin, listen, admin, fport = ds.free_ports(4)
-        (tmp_path / "backends.yaml").write_text(yaml.safe_dump(instant_backends_config(badmin, bports)))
-        procs.append(ds.spawn("backends", [ds.envoy_binary(), "-c", str(tmp_path / "backends.yaml"), "--concurrency",
-                                           "1", "--use-dynamic-base-id", "--log-level", "warn"], tmp_path))
-        for p in bports:
-            ds.wait_port(p, proc=procs[-1])
+        procs.append(start_instant_backends(tmp_path, badmin, bports))
         target = bports[2]  # every answer names this backend: native round robin would spread
         procs.append(floor.start(tmp_path, fport, [f"127.0.0.1:{target}"], cache=tmp_path / "cache"))
         procs.append(ds.start_envoy(tmp_path, ds.EnvoyPorts(listen, admin, fport), bports, message_timeout=2.0))
