@@ -63,15 +63,17 @@ def build(cache: Path | None = None) -> Path:
 
 def write_answers(path: Path, backends: list[str]) -> Path:
     """One prebuilt answer per backend (ai-lb's own answer bytes: destination header and
-    metadata, and an ``ai_lb`` id so that Envoy logs the request), length-prefixed."""
+    metadata, and an ``ai_lb`` id so that Envoy logs the request), as gRPC messages (the
+    floor sends them as they are), each behind its 4-byte length."""
     from extproc.envoy.access_log import tag
     from extproc.envoy.answers import Answers
+    from extproc.transport.grpc import encode_message
 
     answers = Answers()
     with open(path, "wb") as f:
         for i, b in enumerate(backends):
-            raw = tag(answers.serialized(answers.pick("headers", b)), f"floor.0.0.{i:x}")
-            f.write(struct.pack(">I", len(raw)) + raw)
+            msg = encode_message(tag(answers.serialized(answers.pick("headers", b)), f"floor.0.0.{i:x}"))
+            f.write(struct.pack(">I", len(msg)) + msg)
     return path
 
 

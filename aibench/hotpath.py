@@ -11,8 +11,8 @@ between runs on a shared machine, which hides the few-percent gains of hot-path 
   access-log sink; a socket that only counts what is written) is fed those reads. The
   recorded completion ids are ai-lb's own, so the access log's entries end the requests
   the replay routed. CPU per routed request = process time / requests; the minimum over a
-  few replays. Repeats within ~1-2 %; ``--ai-lb-source`` replays with another tree (the
-  'before'), in a subprocess.
+  few replays (replays of one tree spread ~3-5 %). ``--ai-lb-source`` replays with another
+  tree (the 'before'), in a subprocess, alternating with this one.
 
     python -m aibench.hotpath                                  # record (temporary), replay
     python -m aibench.hotpath record /tmp/rr.rec --policy round_robin
@@ -48,7 +48,7 @@ _REC = struct.Struct(">II")  # connection number, length
 
 # Run inside the recorded ai-lb: keep every read of every connection, write them at exit.
 _RECORDER = """
-import atexit, itertools, json, os, struct, sys
+import atexit, itertools, sys
 out = sys.argv.pop(1)
 import extproc.transport.server as S
 import extproc.envoy.completions as C
@@ -68,16 +68,13 @@ def completions_init(self, *a, **k):
     meta.update(prefix=self.prefix, nonce=self.nonce)
 C.Completions.__init__ = completions_init
 def dump():
-    with open(out, "wb") as f:
-        f.write(%r)
-        f.write(json.dumps(meta).encode() + b"\\n")
-        for n, b in reads:
-            f.write(struct.pack(">II", n, len(b)) + b)
+    from aibench.hotpath import write_recording
+    write_recording(out, meta, reads)
 atexit.register(dump)
 sys.argv[0] = "ai-lb"
 from extproc.cli import main
 sys.exit(main())
-""" % MAGIC
+"""
 
 
 def record(out: Path, policy: str = "round_robin", seconds: float = 4.0, wrk: bool | None = None) -> int:
@@ -108,9 +105,7 @@ def record(out: Path, policy: str = "round_robin", seconds: float = 4.0, wrk: bo
             raise RuntimeError(f"ai-lb wrote no recording:\n{ai.log_tail()}")
         meta, reads = load_recording(out)
         meta.update(policy=policy, endpoints=[f"127.0.0.1:{p}" for p in bports])  # what the replay routes to
-        with open(out, "wb") as f:
-            f.write(MAGIC + json.dumps(meta).encode() + b"\n")
-            f.writelines(_REC.pack(n, len(b)) + b for n, b in reads)
+        write_recording(out, meta, reads)
         return sent
     finally:
         for p in reversed(procs):
@@ -143,6 +138,13 @@ def _load(url: str, body: Path, tmp: Path, conc: int, seconds: float, wrk: bool)
     return sum(counts)
 
 
+def write_recording(path: Path | str, meta: dict, reads: list[tuple[int, bytes]]) -> None:
+    """The file: MAGIC, a JSON header line, then (connection, length, bytes) per read."""
+    with open(path, "wb") as f:
+        f.write(MAGIC + json.dumps(meta).encode() + b"\n")
+        f.writelines(_REC.pack(n, len(b)) + b for n, b in reads)
+
+
 def load_recording(path: Path) -> tuple[dict, list[tuple[int, bytes]]]:
     raw = path.read_bytes()
     if not raw.startswith(MAGIC):
@@ -159,13 +161,10 @@ def load_recording(path: Path) -> tuple[dict, list[tuple[int, bytes]]]:
 
 
 class _Socket:
-    """The transport side of a replayed connection: writes are counted, nothing else."""
-
-    def __init__(self) -> None:
-        self.written = 0
+    """The transport side of a replayed connection: writes go nowhere."""
 
     def write(self, data: bytes) -> None:
-        self.written += len(data)
+        pass
 
     def is_closing(self) -> bool:
         return False
@@ -183,8 +182,7 @@ class _Socket:
         return default
 
 
-async def _replay_once(meta: dict, reads: list[tuple[int, bytes]], policy: str, endpoints: list[str],
-                       tmp: Path) -> tuple[float, int, dict]:
+async def _replay_once(meta: dict, reads: list[tuple[int, bytes]], tmp: Path) -> tuple[float, int, dict]:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
     from extproc.envoy import access_log
@@ -194,7 +192,8 @@ async def _replay_once(meta: dict, reads: list[tuple[int, bytes]], policy: str, 
 
     cfg = tmp / "replay.yaml"
     cfg.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
-                                   "routes": {"llm": {"lb_policy": policy, "endpoints": {"static": endpoints}}},
+                                   "routes": {"llm": {"lb_policy": meta["policy"],
+                                                      "endpoints": {"static": meta["endpoints"]}}},
                                    "log_level": "warning"}))
     gw = Gateway(cfg)
     await gw.runtime.apply(gw.config)
@@ -224,29 +223,35 @@ async def _replay_once(meta: dict, reads: list[tuple[int, bytes]], policy: str, 
     return cpu, routed, st
 
 
-def replay(path: Path, reps: int = 5, profile: bool = False) -> dict:
+def replay(path: Path, reps: int = 5) -> dict:
     """CPU per routed request of this interpreter's ai-lb over the recording."""
     import uvloop
 
     meta, reads = load_recording(path)
     tmp = Path(tempfile.mkdtemp(prefix="ai-lb-hotpath-"))
     runs: list[float] = []
-    routed, st = 0, {}
-    for i in range(reps):
+    for _ in range(reps):
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-            if profile and i == reps - 1:
-                import cProfile
-                import pstats
+            cpu, routed, st = r.run(_replay_once(meta, reads, tmp))
+        runs.append(cpu / max(routed, 1) * 1e6)
+    return {"us_per_request": min(runs), "runs": runs, "routed": routed, "reads": len(reads), "completions": st}
 
-                prof = cProfile.Profile()
-                prof.enable()
-                r.run(_replay_once(meta, reads, meta["policy"], meta["endpoints"], tmp))
-                prof.disable()
-                pstats.Stats(prof).sort_stats("tottime").print_stats(30)
-                break
-            cpu, routed, st = r.run(_replay_once(meta, reads, meta["policy"], meta["endpoints"], tmp))
-            runs.append(cpu / max(routed, 1) * 1e6)
-    return {"us_per_request": min(runs) if runs else 0.0, "runs": runs, "routed": routed, "reads": len(reads), "completions": st}
+
+def profile(path: Path, top: int = 30) -> None:
+    """One replay under cProfile: the functions with the most time of their own."""
+    import cProfile
+    import pstats
+
+    import uvloop
+
+    meta, reads = load_recording(path)
+    tmp = Path(tempfile.mkdtemp(prefix="ai-lb-hotpath-"))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        prof = cProfile.Profile()
+        prof.enable()
+        r.run(_replay_once(meta, reads, tmp))
+        prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 # This bench's code, the other tree's product: import the bench, forget the product it
@@ -300,7 +305,7 @@ def main() -> int:
         for src in a.ai_lb_source:
             trees[str(src)].append(replay_in(src, path, 1))
     if a.profile:
-        replay(path, 1, profile=True)
+        profile(path)
     best = {}
     for name, rs in trees.items():
         runs = [x["us_per_request"] for x in rs]

@@ -3,7 +3,7 @@
  *
  * Not part of ai-lb. One thread, epoll, nghttp2 (Debian's libnghttp2) for HTTP/2. It
  * answers every ext_proc message on /envoy.service.ext_proc.v3.ExternalProcessor/Process
- * with the next of the prebuilt answers read from ANSWERS (each a serialized
+ * with the next of the prebuilt answers read from ANSWERS (each a gRPC-framed, serialized
  * ProcessingResponse that names one backend, tagged like ai-lb's, so that Envoy's
  * override_host routes the request there and its access log sends an entry), ends the
  * call with grpc-status 0, reads and drops access-log entries, and answers gRPC health
@@ -11,7 +11,7 @@
  * hop to a process cost, without ai-lb's work.
  *
  *     cc -O2 -o extproc_floor extproc_floor.c -lnghttp2
- *     extproc_floor PORT ANSWERS       (ANSWERS: 4-byte big-endian length + bytes, repeated)
+ *     extproc_floor PORT ANSWERS       (ANSWERS: 4-byte big-endian length + a gRPC message, repeated)
  *
  * Binds 127.0.0.1 only. Exits on SIGTERM. Logs to stderr only what goes wrong (a GOAWAY it
  * sends, an HTTP/2 error): a floor that drops calls would make Envoy fail open and look fast.
@@ -49,8 +49,7 @@ typedef struct stream {
   enum kind kind;
   uint8_t *buf; /* request bytes not yet a whole gRPC message */
   size_t len, cap;
-  out_t out;    /* the framed answer being sent */
-  uint8_t *owned;
+  out_t out;    /* the answer being sent (static: prebuilt) */
 } stream_t;
 
 typedef struct {
@@ -82,23 +81,10 @@ static ssize_t read_out(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t le
   return (ssize_t)n;
 }
 
-static void answer(nghttp2_session *s, stream_t *st, const uint8_t *msg, size_t len, int framed) {
-  free(st->owned);
-  st->owned = NULL;
-  if (framed) {
-    st->out.data = msg;
-    st->out.len = len;
-  } else {
-    st->owned = malloc(len + 5);
-    st->owned[0] = 0;
-    st->owned[1] = (uint8_t)(len >> 24);
-    st->owned[2] = (uint8_t)(len >> 16);
-    st->owned[3] = (uint8_t)(len >> 8);
-    st->owned[4] = (uint8_t)len;
-    memcpy(st->owned + 5, msg, len);
-    st->out.data = st->owned;
-    st->out.len = len + 5;
-  }
+/* Answer the call with ``msg``, a whole gRPC message (length prefix included), then OK. */
+static void answer(nghttp2_session *s, stream_t *st, const uint8_t *msg, size_t len) {
+  st->out.data = msg;
+  st->out.len = len;
   st->out.off = 0;
   nghttp2_nv h[] = {{(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
                     {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE}};
@@ -147,10 +133,10 @@ static int on_data(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t
     memmove(st->buf, st->buf + 5 + m, st->len - 5 - m);
     st->len -= 5 + m;
     if (st->kind == K_HEALTH) {
-      answer(s, st, health_msg, sizeof health_msg, 1);
+      answer(s, st, health_msg, sizeof health_msg);
     } else {
       int i = next_answer++ % n_answers;
-      answer(s, st, answers[i], answer_len[i], 0);
+      answer(s, st, answers[i], answer_len[i]);
     }
   }
   return 0;
@@ -162,7 +148,6 @@ static int on_close(nghttp2_session *s, int32_t sid, uint32_t code, void *user) 
   stream_t *st = nghttp2_session_get_stream_user_data(s, sid);
   if (st != NULL) {
     free(st->buf);
-    free(st->owned);
     free(st);
   }
   return 0;

@@ -107,20 +107,25 @@ def settled(entry: Any) -> tuple[str, Settled] | None:
     if not cid:
         return None
     code = entry.response.response_code.value  # an unset wrapper reads 0: no response
-    if cp.HasField("response_flags"):          # Envoy leaves it out when no flag is set
-        status, outcome = _flagged(cp.response_flags, code)
-    elif code:
-        status, outcome = code, ("error" if code >= 500 else "complete")
-    else:
-        status, outcome = None, "reset"
+    # Envoy leaves the flags out when none is set
+    status, outcome = _flagged(cp.response_flags, code) if cp.HasField("response_flags") else _by_code(code)
     sa = cp.upstream_remote_address.socket_address
     host = sa.address
     served = None
     if host:
         served = f"[{host}]:{sa.port_value}" if ":" in host else f"{host}:{sa.port_value}"
-    d = cp.time_to_first_upstream_rx_byte      # unset: zero (no upstream byte came)
-    first = d.seconds + d.nanos / 1e9 if cp.HasField("time_to_first_upstream_rx_byte") else None
+    first = None
+    if cp.HasField("time_to_first_upstream_rx_byte"):
+        d = cp.time_to_first_upstream_rx_byte
+        first = d.seconds + d.nanos / 1e9
     return cid, Settled(status, served, first, outcome)
+
+
+def _by_code(code: int) -> tuple[int | None, str]:
+    """Status and outcome from the response code alone (0: no response came)."""
+    if code:
+        return code, ("error" if code >= 500 else "complete")
+    return None, "reset"
 
 
 def _flagged(f: Any, code: int) -> tuple[int | None, str]:
@@ -130,9 +135,7 @@ def _flagged(f: Any, code: int) -> tuple[int | None, str]:
     if (f.upstream_connection_failure or f.upstream_remote_reset or f.upstream_connection_termination
             or f.upstream_request_timeout or f.upstream_protocol_error):
         return (code if code >= 500 else 0), "error"
-    if code:
-        return code, ("error" if code >= 500 else "complete")
-    return None, "reset"
+    return _by_code(code)
 
 
 class AccessLogSink:

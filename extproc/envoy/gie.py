@@ -97,12 +97,9 @@ def fallbacks(primary: Endpoint, named: Iterable[Endpoint], candidates: Sequence
     if len(candidates) > FALLBACK_POOL:  # a window at a random place (one random draw, no copy of the fleet)
         i = rng.randrange(len(candidates))
         pool = (*candidates[i:i + FALLBACK_POOL], *candidates[:max(0, i + FALLBACK_POOL - len(candidates))])
-    if out:
-        taken = {first, *out}
-        loads = sorted([(requests(a), a) for e in pool if (a := e.address) not in taken])
-        return tuple(dict.fromkeys(out + [a for _, a in loads[:n - len(out)]]))
-    loads = sorted([(requests(a), a) for e in pool if (a := e.address) != first])
-    return tuple(dict.fromkeys(a for _, a in loads[:n]))
+    taken = (first, *out)  # at most n addresses: a tuple is searched faster than a set is built
+    loads = sorted([(requests(a), a) for e in pool if (a := e.address) not in taken])  # no key function: pairs
+    return tuple(dict.fromkeys(out + [a for _, a in loads[:n - len(out)]]))
 
 
 def destination(d: Endpoint, named: tuple, candidates: tuple, n: int, subset: frozenset[str] | None,
